@@ -1,0 +1,3 @@
+from sara_cli.cli import main
+
+main()

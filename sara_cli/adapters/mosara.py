@@ -1,0 +1,94 @@
+"""Mo-SARA (Gu et al., arXiv 2408.03290): a mixture of singular-value sets over frozen top-k vectors.
+
+With U_k (out, k) and V_k (in, k) the top-k singular vectors of W (frozen), k = k(W, tau):
+
+    z    = dropout(x) V_k                    # (..., k)
+    g    = softmax((z W_g1) W_g2, dim=-1)    # (..., m) token-level soft routing
+    lbar = g Lam                             # (..., k)
+    y    = x W^T + b + ((z * lbar) U_k^T) * v
+
+Trainable: Lam (m, k), v (out, zeros), W_g1 (k, 1), W_g2 (1, m). This equals the paper's
+sum_i g_i (x U_k Lam_i V_k v) (its x W convention) without a loop over experts: the cost is one
+pair of rank-k products whatever m is. `v_position="before"` puts v (in) in front:
+y = x W^T + b + (((dropout(x) * v) V_k) * lbar) U_k^T, with the router still reading z.
+
+Lam starts at ones plus uniform noise in [-0.1, 0.1) so the experts differ and the router has a
+gradient; v = 0 keeps the model unchanged at init.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer, kaiming_uniform
+from sara_cli.spectrum import top_singular
+
+
+class MoSaraLayer(AdapterLayer):
+    prefix = "mosara_"
+
+    def __init__(self, base_layer: nn.Module, tau: float | None = None, rank: int | None = None,
+                 num_experts: int = 5, dropout: float = 0.0, v_position: str = "after",
+                 initialize: bool = True):
+        super().__init__(base_layer, dropout)
+        device = base_layer.weight.device
+        if initialize:
+            top = top_singular(self.base_weight(), k=rank, tau=tau if rank is None else None)
+            U, Vh = top.U.to(ADAPTER_DTYPE), top.Vh.to(ADAPTER_DTYPE)
+        else:
+            U = torch.zeros(self.out_features, rank, dtype=ADAPTER_DTYPE, device=device)
+            Vh = torch.zeros(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
+        self.k = k = U.shape[1]
+        self.num_experts = m = num_experts
+        self.v_position = v_position
+        self.register_buffer("mosara_U", U.contiguous())  # (out, k), frozen
+        self.register_buffer("mosara_Vh", Vh.contiguous())  # (k, in), frozen: V_k^T
+        noise = torch.rand(m, k, dtype=ADAPTER_DTYPE, device=device) * 0.2 - 0.1
+        self.mosara_lambda = nn.Parameter(1.0 + noise)  # (m, k)
+        v_size = self.out_features if v_position == "after" else self.in_features
+        self.mosara_v = nn.Parameter(torch.zeros(v_size, dtype=ADAPTER_DTYPE, device=device))
+        self.mosara_router_in = nn.Parameter(kaiming_uniform((k, 1), device))  # W_g1 (k, 1)
+        self.mosara_router_out = nn.Parameter(kaiming_uniform((1, m), device))  # W_g2 (1, m)
+        self.record_gates = False
+        self.recorded_gates: list[torch.Tensor] = []
+
+    def gates(self, z: torch.Tensor) -> torch.Tensor:
+        """Routing weights g (..., m) for projected input z (..., k); rows sum to 1."""
+        logits = (z @ self.mosara_router_in) @ self.mosara_router_out  # (..., 1) -> (..., m)
+        return torch.softmax(logits, dim=-1)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.adapter_input(x)  # (..., in)
+        z = F.linear(h, self.mosara_Vh)  # (..., k)
+        g = self.gates(z)  # (..., m)
+        if self.record_gates:
+            self.recorded_gates.append(g.detach().to(torch.float32).cpu())
+        lbar = g @ self.mosara_lambda  # (..., k)
+        if self.v_position == "after":
+            return F.linear(z * lbar, self.mosara_U) * self.mosara_v  # (..., out)
+        zv = F.linear(h * self.mosara_v, self.mosara_Vh)  # (..., k)
+        return F.linear(zv * lbar, self.mosara_U)
+
+    def static_delta_weight(self, mean_gate: torch.Tensor) -> torch.Tensor:
+        """delta W for fixed gates gbar (m,): diag(v) U_k diag(gbar Lam) V_k^T, (out, in) float32.
+
+        Exact for the routed layer only when every token's gate equals gbar.
+        """
+        lbar = mean_gate.to(self.mosara_lambda) @ self.mosara_lambda  # (k,)
+        core = (self.mosara_U * lbar) @ self.mosara_Vh  # (out, in)
+        if self.v_position == "after":
+            return self.mosara_v[:, None] * core
+        return core * self.mosara_v[None, :]
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError(
+            "Mo-SARA routes every token separately, so no single weight matrix reproduces it; "
+            "use static_delta_weight(mean_gate)")
+
+    def merge(self) -> None:
+        self.delta_weight()
+
+    def rank(self) -> int:
+        return self.k

@@ -1,0 +1,84 @@
+"""SORSA (Cao, arXiv 2409.00055): principal singular factors trained with an orthonormal regulariser.
+
+    top r of W = U diag(s) V^T:  U_p = U_r (out, r),  s_p = s_r (r),  Vh_p = V_r^T (r, in)
+    W_res = W - U_p diag(s_p) Vh_p (frozen);  y = x W_res^T + b + ((dropout(x) Vh_p^T) * s_p) U_p^T
+    L_reg = ||U_p^T U_p - I||_F + ||Vh_p Vh_p^T - I||_F
+
+After every optimizer step the trainer takes a separate step W_p <- W_p - gamma * grad(L_reg)
+(`orthonormal_step`). The gradient is analytic: for M = U^T U - I,
+d||M||_F / dU = 2 U M / ||M||_F (and 2 M Vh / ||M||_F for Vh).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer
+from sara_cli.adapters.pissa import principal
+
+
+class SorsaLayer(AdapterLayer):
+    prefix = "sorsa_"
+
+    def __init__(self, base_layer: nn.Module, rank: int, dropout: float = 0.0,
+                 initialize: bool = True, svd: str = "lowrank"):
+        super().__init__(base_layer, dropout)
+        self.r = rank = min(rank, self.in_features, self.out_features)
+        device = base_layer.weight.device
+        U = torch.zeros(self.out_features, rank, dtype=ADAPTER_DTYPE, device=device)
+        S = torch.zeros(rank, dtype=ADAPTER_DTYPE, device=device)
+        Vh = torch.zeros(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
+        if initialize:
+            top = principal(self.base_weight(), rank, svd)
+            U, S, Vh = (t.to(ADAPTER_DTYPE) for t in (top.U, top.s, top.Vh))
+        self.sorsa_U = nn.Parameter(U.clone())  # (out, r)
+        self.sorsa_S = nn.Parameter(S.clone())  # (r,)
+        self.sorsa_Vh = nn.Parameter(Vh.clone())  # (r, in)
+        self.register_buffer("sorsa_U0", U.clone())
+        self.register_buffer("sorsa_S0", S.clone())
+        self.register_buffer("sorsa_Vh0", Vh.clone())
+        if initialize:
+            self._subtract_initial(self.base_weight())
+
+    def _initial_product(self) -> torch.Tensor:
+        return (self.sorsa_U0.double() * self.sorsa_S0.double()) @ self.sorsa_Vh0.double()
+
+    @torch.no_grad()
+    def _subtract_initial(self, W: torch.Tensor) -> None:
+        self.set_base_weight(W.to(torch.float64) - self._initial_product())
+
+    def after_load(self, original_weight: torch.Tensor | None = None) -> None:
+        self._subtract_initial(self.base_weight() if original_weight is None else original_weight)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(self.adapter_input(x), self.sorsa_Vh)  # (..., r)
+        return F.linear(z * self.sorsa_S, self.sorsa_U)  # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.sorsa_U * self.sorsa_S) @ self.sorsa_Vh
+
+    def update_against_original(self) -> torch.Tensor:
+        return self.delta_weight() - self._initial_product().to(ADAPTER_DTYPE)
+
+    def regularizer(self) -> torch.Tensor:
+        """L_reg = ||U^T U - I||_F + ||Vh Vh^T - I||_F (a scalar, differentiable)."""
+        eye = torch.eye(self.r, dtype=self.sorsa_U.dtype, device=self.sorsa_U.device)
+        return (torch.linalg.matrix_norm(self.sorsa_U.T @ self.sorsa_U - eye)
+                + torch.linalg.matrix_norm(self.sorsa_Vh @ self.sorsa_Vh.T - eye))
+
+    @torch.no_grad()
+    def orthonormal_step(self, gamma: float) -> None:
+        """One gradient step of size gamma on L_reg, with the analytic gradient."""
+        eye = torch.eye(self.r, dtype=self.sorsa_U.dtype, device=self.sorsa_U.device)
+        for param, left in ((self.sorsa_U, True), (self.sorsa_Vh, False)):
+            M = param.T @ param - eye if left else param @ param.T - eye  # (r, r), symmetric
+            norm = torch.linalg.matrix_norm(M)
+            if float(norm) < 1e-12:  # ||M||_F is not differentiable at 0 and needs no step
+                continue
+            grad = 2.0 * (param @ M if left else M @ param) / norm
+            param.sub_(gamma * grad)
+
+    def rank(self) -> int:
+        return self.r

@@ -1,0 +1,118 @@
+"""The `sara` command line: one thin function per command; the work happens in the core modules.
+
+Heavy libraries (torch, transformers) are imported inside the commands so `sara --help` is fast.
+A `SaraError` becomes a one-line message and exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sara_cli import __version__
+from sara_cli.errors import SaraError
+
+app = typer.Typer(
+    name="sara",
+    help="Fine-tune Hugging Face causal LMs with SVD-based adapters (SARA, Mo-SARA, LoRA, PiSSA, SORSA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console()
+err_console = Console(stderr=True)
+DEBUG = {"on": False}
+
+
+def command(func):
+    """Register a command whose SaraError (and any crash) becomes one line and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except SaraError as exc:
+            if DEBUG["on"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if DEBUG["on"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} "
+                              "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return app.command()(wrapper)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"sara {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Fine-tune Hugging Face causal LMs with SVD-based adapters."""
+    DEBUG["on"] = DEBUG["on"] or debug
+
+
+def main() -> None:
+    """Console-script entry point. `--debug` is accepted anywhere on the line."""
+    args = sys.argv[1:]
+    if "--debug" in args:
+        DEBUG["on"] = True
+        args = [a for a in args if a != "--debug"]
+    app(args=args, prog_name="sara")
+
+
+# -- analyze -------------------------------------------------------------------------------------
+
+@command
+def analyze(
+    model: str = typer.Argument(..., help="Checkpoint folder, builtin:NAME or hub id."),
+    tau: list[float] = typer.Option([], "--tau", help="Share of the singular-value sum; repeat for several. Default 0.5."),
+    targets: str = typer.Option("q_proj,v_proj", "--targets", help="Module suffixes, comma-separated, or all-linear."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    experts: int = typer.Option(5, "--experts", help="Mo-SARA experts m for the parameter estimate."),
+    match_lora_rank: Optional[int] = typer.Option(None, "--match-lora-rank", help="Print the tau whose SARA size matches LoRA rank R."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the per-matrix results as JSON."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of mean k per layer."),
+) -> None:
+    """Per-layer SARA rank k from each weight's own singular values."""
+    from sara_cli import analyze as core
+    from sara_cli.cli_views import analysis_report, matrix_progress
+    from sara_cli.inject import parse_targets
+
+    if experts < 1:
+        raise SaraError(f"--experts must be at least 1, got {experts}")
+    if match_lora_rank is not None and match_lora_rank < 1:
+        raise SaraError(f"--match-lora-rank must be at least 1, got {match_lora_rank}")
+    taus = tau or [0.5]
+    with matrix_progress(console) as (on_start, on_matrix):
+        result = core.analyze(model, taus, parse_targets(targets), device, on_start, on_matrix)
+    analysis_report(console, result, experts, match_lora_rank)
+    if json_path is not None:
+        from sara_cli.files import write_json
+
+        write_json(json_path, result.to_json())
+        console.print(f"wrote {json_path}")
+    if plot_path is not None:
+        core.plot(result, plot_path)
+        console.print(f"wrote {plot_path}")

@@ -1,0 +1,75 @@
+"""Atomic writes: a file or folder appears complete at its final path, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sara_cli.errors import SaraError
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary file path beside `path`; rename it onto `path` when the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise SaraError(f"cannot write {path}: {exc.strerror}; check the folder and its permissions") from exc
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path | str, data) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextmanager
+def atomic_dir(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging folder beside `path`; move it into place when the block succeeds.
+
+    An existing `path` is an error unless `overwrite`; it is then replaced only after the new
+    folder is complete, so a failure leaves the old one untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SaraError(f"{path} already exists; choose another folder or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise SaraError(f"{path} is a file; give a folder path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as exc:
+        raise SaraError(f"cannot write into {path.parent}: {exc.strerror}; check permissions "
+                        "and free space") from exc
+    try:
+        yield staging
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

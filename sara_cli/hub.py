@@ -1,0 +1,156 @@
+"""Resolve a model reference to a local folder and read its safetensors weights lazily.
+
+A reference is a local folder, a `builtin:` name, or a hub id (downloaded with huggingface_hub;
+with HF_HUB_OFFLINE=1 only the local cache is used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
+from sara_cli import builtin
+from sara_cli.errors import SaraError
+
+# Model types whose linear layers are transformers' Conv1D: weights stored as (in, out).
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+QUANTIZED_DTYPES = {"I8", "U8", "F8_E4M3", "F8_E5M2", "I4", "U4"}
+
+
+def resolve_model_dir(reference: str) -> Path:
+    """Local folder holding config.json and weights for `reference`.
+
+    Raises:
+        SaraError: not a folder, not a known hub id, or no network to fetch it.
+    """
+    reference = str(reference)
+    if builtin.is_builtin(reference):
+        return builtin.model_path(reference)
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SaraError(f"model '{reference}' is a file; give the checkpoint folder")
+        return path
+    if reference.count("/") > 1 or reference.startswith((".", "/", "~")):
+        raise SaraError(f"model folder '{reference}' does not exist; check the path")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(reference, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except Exception as exc:  # hub errors have many types; the user needs one line
+        raise SaraError(
+            f"model '{reference}' is not a local folder and could not be fetched from the hub "
+            f"({type(exc).__name__}); check the name, your network, or HF_HUB_OFFLINE") from exc
+    return Path(folder)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in index order.
+
+    Raises:
+        SaraError: no safetensors weights (a .bin-only checkpoint is named as such).
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        raise SaraError(f"{model_dir} holds only PyTorch .bin weights; sara reads safetensors. "
+                        "Convert it with `model.save_pretrained(dir, safe_serialization=True)`")
+    raise SaraError(f"{model_dir} holds no model weights (*.safetensors); give a checkpoint folder")
+
+
+def read_header(path: Path) -> dict:
+    """The safetensors JSON header of one file: {name: {dtype, shape, data_offsets}}."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def tensor_index(model_dir: Path) -> dict[str, tuple[Path, dict]]:
+    """{tensor name: (file, header entry)} over all weight files, without reading data."""
+    index = {}
+    for path in weight_files(model_dir):
+        for name, entry in read_header(path).items():
+            index[name] = (path, entry)
+    return index
+
+
+def load_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise SaraError(f"{model_dir} has no config.json; give a Hugging Face checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def is_conv1d_checkpoint(config: dict) -> bool:
+    return config.get("model_type") in CONV1D_MODEL_TYPES
+
+
+def check_not_quantized(model_dir: Path, config: dict | None = None) -> None:
+    """Raise SaraError for a quantized checkpoint (int8/int4/fp8 weights or a quantization_config)."""
+    config = config if config is not None else load_config(model_dir)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise SaraError(f"{model_dir} is quantized ({method}); sara needs the unquantized base "
+                        "weights (bf16/fp16/fp32) to decompose and merge them")
+    for name, (_, entry) in tensor_index(model_dir).items():
+        if entry["dtype"] in QUANTIZED_DTYPES:
+            raise SaraError(f"{model_dir} holds quantized tensors ({name}: {entry['dtype']}); "
+                            "use the unquantized base model")
+
+
+def iter_tensors(model_dir: Path, names: list[str]) -> Iterator[tuple[str, "object"]]:
+    """Yield (name, tensor) for `names`, opening each safetensors file once."""
+    from safetensors import safe_open
+
+    index = tensor_index(model_dir)
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(index[name][0], []).append(name)
+    order = {name: i for i, name in enumerate(names)}
+    for path, file_names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in sorted(file_names, key=order.get):
+                yield name, f.get_tensor(name)
+
+
+def fingerprint(model_dir: Path, names: list[str] | None = None) -> str:
+    """A content fingerprint of a checkpoint: sha256 over every tensor's name, dtype and shape,
+    plus the bytes of three rows (first, middle, last) of each tensor in `names` (default: all
+    2-D tensors).
+
+    Cheap (reads a few MB, not the model) and different for any other model and for any
+    fine-tune of the same architecture, which changes essentially every row.
+    """
+    import torch
+    from safetensors import safe_open
+
+    index = tensor_index(model_dir)
+    digest = hashlib.sha256()
+    for name in sorted(index):
+        entry = index[name][1]
+        digest.update(f"{name}|{entry['dtype']}|{entry['shape']}\n".encode())
+    sampled = sorted(names if names is not None else
+                     [n for n, (_, e) in index.items() if len(e["shape"]) == 2])
+    by_file: dict[Path, list[str]] = {}
+    for name in sampled:
+        by_file.setdefault(index[name][0], []).append(name)
+    for path in sorted(by_file):
+        with safe_open(path, framework="pt") as f:
+            for name in by_file[path]:
+                rows = index[name][1]["shape"][0]
+                view = f.get_slice(name)
+                for i in sorted({0, rows // 2, rows - 1}):
+                    row = view[i:i + 1].contiguous()
+                    digest.update(row.view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]

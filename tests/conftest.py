@@ -1,0 +1,70 @@
+"""Shared fixtures: offline, seeded, tiny models built from configs (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "sara_cli" / "assets"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed(tmp_path_factory, monkeypatch):
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    # Built-in models are materialised once per test session, not into the user's cache.
+    monkeypatch.setenv("SARA_HOME", str(tmp_path_factory.getbasetemp() / "sara_home"))
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    config.update(overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def tiny_gpt2(**overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = dict(vocab_size=1024, n_embd=48, n_layer=2, n_head=4, n_positions=128,
+                  bos_token_id=1, eos_token_id=2)
+    config.update(overrides)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+def _save(model, folder: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama checkpoint (safetensors + the bundled tokenizer) in a temporary folder."""
+    return _save(tiny_llama(), tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 checkpoint (Conv1D layers) in a temporary folder."""
+    return _save(tiny_gpt2(), tmp_path_factory.mktemp("tiny-gpt2"))
