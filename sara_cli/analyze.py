@@ -188,7 +188,13 @@ def match_lora_rank(matrices: list[MatrixResult], lora_rank: int) -> tuple[float
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if count(mid) < lora else (lo, mid)
     best = min((lo, hi), key=lambda t: (abs(count(t) - lora), t))
-    return round(best, 6), count(best), lora
+    target = count(best)
+    # The shortest decimal that still gives this count, so the printed tau reproduces it.
+    for digits in range(2, 17):
+        short = float(f"{best:.{digits}g}")
+        if 0 < short <= 1 and count(short) == target:
+            return short, target, lora
+    return best, target, lora
 
 
 def mean_k_per_layer(matrices: list[MatrixResult], tau_index: int) -> dict[int, float]:

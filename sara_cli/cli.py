@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-DEBUG = {"on": False}
+DEBUG = {"on": False, "argv": False}
 
 
 def command(func):
@@ -35,6 +35,7 @@ def command(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _quiet_libraries()
         try:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -57,6 +58,16 @@ def command(func):
     return app.command()(wrapper)
 
 
+def _quiet_libraries() -> None:
+    """Our progress bars replace the libraries' tqdm bars and info logs (set before they import)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"sara {__version__}")
@@ -70,14 +81,14 @@ def root(
                                  help="Print the version and exit."),
 ) -> None:
     """Fine-tune Hugging Face causal LMs with SVD-based adapters."""
-    DEBUG["on"] = DEBUG["on"] or debug
+    DEBUG["on"] = debug or DEBUG["argv"]
 
 
 def main() -> None:
     """Console-script entry point. `--debug` is accepted anywhere on the line."""
     args = sys.argv[1:]
     if "--debug" in args:
-        DEBUG["on"] = True
+        DEBUG["argv"] = True
         args = [a for a in args if a != "--debug"]
     app(args=args, prog_name="sara")
 
@@ -116,3 +127,35 @@ def analyze(
     if plot_path is not None:
         core.plot(result, plot_path)
         console.print(f"wrote {plot_path}")
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+@command
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides, e.g. adapter.tau=0.02."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, build the model and adapters, print, and exit."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over even if output_dir holds a run."),
+) -> None:
+    """Train adapters from a recipe."""
+    import yaml
+
+    from sara_cli.cli_views import TrainReporter
+    from sara_cli.recipe import load_recipe
+    from sara_cli.train import train as run_training
+
+    parsed = load_recipe(recipe, overrides or [])
+    if dry_run:
+        console.print(yaml.safe_dump(parsed.resolved(), sort_keys=False).rstrip(), highlight=False)
+    summary = run_training(parsed, resume=resume, overwrite=overwrite, dry_run=dry_run,
+                           reporter=TrainReporter(console))
+    if dry_run:
+        console.print("dry run: recipe valid, model and adapters built; nothing trained")
+        return
+    if summary.get("adapter_bytes"):
+        console.print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over "
+                      f"{summary['steps']} steps" if summary["first_loss"] is not None else
+                      f"{summary['steps']} steps")
+        console.print(f"adapter: {summary['adapter_dir']} ({summary['adapter_bytes'] / 1e6:.2f} MB)")

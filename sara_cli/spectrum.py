@@ -73,6 +73,17 @@ def _check_finite(W: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf values")
 
 
+def _drop_noise(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Zero the values below the Gram route's noise floor.
+
+    A backward-stable eigensolver returns the eigenvalues of G = W W^T with errors up to
+    ~n eps ||G||, i.e. singular values of W down to ~sqrt(n eps) s_max are noise. Left in, a
+    few hundred such values add up and move k at tau = 1 on exactly low-rank matrices.
+    """
+    floor = float(s[0]) * 4.0 * (n * torch.finfo(torch.float64).eps) ** 0.5 if s.numel() else 0.0
+    return torch.where(s > floor, s, torch.zeros_like(s))
+
+
 def singular_values(W: torch.Tensor, name: str = "matrix") -> torch.Tensor:
     """All min(out, in) singular values of W, descending, float64, on W's device.
 
@@ -86,7 +97,7 @@ def singular_values(W: torch.Tensor, name: str = "matrix") -> torch.Tensor:
     _check_finite(W, name)
     G, _ = _gram(W)
     eig = torch.linalg.eigvalsh(G)  # ascending
-    return eig.clamp_min(0.0).sqrt().flip(0)
+    return _drop_noise(eig.clamp_min(0.0).sqrt().flip(0), G.shape[0])
 
 
 @dataclass
@@ -121,7 +132,7 @@ def top_singular(W: torch.Tensor, k: int | None = None, tau: float | None = None
     W64 = W.to(torch.float64)
     G, left = _gram(W64)
     eig, vecs = torch.linalg.eigh(G)  # ascending
-    spectrum = eig.clamp_min(0.0).sqrt().flip(0)
+    spectrum = _drop_noise(eig.clamp_min(0.0).sqrt().flip(0), G.shape[0])
     vecs = vecs.flip(1)
     if k is None:
         k = rank_for_tau(spectrum, tau)
@@ -134,7 +145,10 @@ def top_singular(W: torch.Tensor, k: int | None = None, tau: float | None = None
     other = other / safe
     if bool((s <= floor).any()):
         # Null directions: re-orthonormalise so the factors stay a valid frame.
-        other, _ = torch.linalg.qr(other)
+        # Keep each column's sign (QR may flip it), so U diag(s) Vh still rebuilds W's top part.
+        other, R = torch.linalg.qr(other)
+        other = other * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0,
+                                                              torch.ones_like(torch.diagonal(R)))
     if left:
         return TopK(U=small, s=s, Vh=other.T.contiguous(), spectrum=spectrum)
     return TopK(U=other, s=s, Vh=small.T.contiguous(), spectrum=spectrum)

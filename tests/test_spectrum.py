@@ -109,3 +109,21 @@ def test_lowrank_route_is_accurate_when_the_top_is_separated():
     approx = (top.U.numpy() * top.s.numpy()) @ top.Vh.numpy()
     # 4 power steps with a gap of 8x after the top 4: the subspace error is ~(5/40)^9
     assert np.linalg.norm(approx - reference) / np.linalg.norm(reference) < 1e-6
+
+
+@pytest.mark.parametrize("size,rank", [(512, 16), (1024, 64)])
+def test_tau_one_gives_numerical_rank_of_large_low_rank_matrices(size, rank):
+    rng = np.random.default_rng(size)
+    W = rng.standard_normal((size, rank)) @ rng.standard_normal((rank, size))
+    s = singular_values(torch.tensor(W))
+    assert rank_for_tau(s, 1.0) == numpy_rank(W, 1.0) == rank
+
+
+def test_top_k_beyond_the_rank_still_rebuilds_the_top_part():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        W = rng.standard_normal((12, 3)) @ rng.standard_normal((3, 10))
+        top = top_singular(torch.tensor(W), k=6)
+        approx = (top.U.numpy() * top.s.numpy()) @ top.Vh.numpy()
+        np.testing.assert_allclose(approx, W, atol=1e-8)
+        np.testing.assert_allclose(top.U.T.numpy() @ top.U.numpy(), np.eye(6), atol=1e-8)

@@ -33,6 +33,8 @@ class MoSaraLayer(AdapterLayer):
                  num_experts: int = 5, dropout: float = 0.0, v_position: str = "after",
                  initialize: bool = True):
         super().__init__(base_layer, dropout)
+        if v_position not in ("after", "before"):
+            raise ValueError(f"v_position must be after or before, got {v_position!r}")
         device = base_layer.weight.device
         if initialize:
             top = top_singular(self.base_weight(), k=rank, tau=tau if rank is None else None)

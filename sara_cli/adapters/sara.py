@@ -27,6 +27,12 @@ class SaraLayer(AdapterLayer):
                  dropout: float = 0.0, use_lambda: bool = True, init_lambda: str = "zeros",
                  zero_init: str = "none", initialize: bool = True):
         super().__init__(base_layer, dropout)
+        if init_lambda not in ("zeros", "ones") or zero_init not in ("none", "up"):
+            raise ValueError(f"init_lambda must be zeros|ones and zero_init none|up, got "
+                             f"{init_lambda!r}, {zero_init!r}")
+        if use_lambda and zero_init == "up" and init_lambda == "zeros":
+            raise ValueError("zero_init='up' with init_lambda='zeros' can never train: U = 0 and "
+                             "lambda = 0 make every gradient zero")
         if rank is None:
             rank = rank_for_tau(singular_values(self.base_weight()), tau)
         self.k = rank

@@ -44,11 +44,15 @@ def build_tokenizer(records: list[dict]) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [r["instruction"] + "\n" + r["output"] for r in records]
-    texts.append("Below is an instruction that describes a task. Write a response that "
-                 "appropriately completes the request. ### Instruction: ### Input: ### Response: "
-                 "the correct answer is true false solution1 solution2 answer1 answer2 answer3 "
-                 "answer4 answer5 option1 option2 ending1 ending2 ending3 ending4")
+    from sara_cli.data import alpaca_prompt
+    from sara_cli.tasks import eval_prompt
+
+    # Train on the prompts as sara writes them, so the template's whitespace runs and markers
+    # become single tokens and a prompt costs ~40 tokens, not ~130.
+    texts = [alpaca_prompt(r["instruction"], r["input"], r["output"]) for r in records]
+    texts += [eval_prompt(r["instruction"]) for r in records[:100]]
+    texts += ["the correct answer is true false solution1 solution2 answer1 answer2 answer3 "
+              "answer4 answer5 option1 option2 ending1 ending2 ending3 ending4"] * 20
     tok.train_from_iterator(texts, trainer)
     # Like Llama's tokenizer, prepend <s> to every sequence.
     tok.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,162 @@
+"""Adapter save/load: `adapter_model.safetensors` + `sara_config.json`, and loading the base model.
+
+The adapter folder holds everything needed to rebuild the trained model from the original base:
+the trainable tensors, the frozen Mo-SARA singular vectors and the initial PiSSA/SORSA factors,
+keyed `<module path>.<tensor name>` (e.g. `model.layers.0.self_attn.q_proj.sara_U`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sara_cli import __version__, hub
+from sara_cli.errors import SaraError
+from sara_cli.files import atomic_path, write_json
+
+CONFIG_NAME = "sara_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+RECIPE_NAME = "recipe.yaml"
+
+
+def load_base_model(model_cfg, device: str | None = None):
+    """Load the frozen base model and tokenizer named by a recipe's model section.
+
+    Returns:
+        (model, tokenizer, model_dir)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = hub.resolve_model_dir(model_cfg.name_or_path)
+    config = hub.load_config(model_dir)
+    hub.check_not_quantized(model_dir, config)
+    hub.weight_files(model_dir)  # a clear error for .bin-only checkpoints
+    kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, model_cfg.dtype)
+    else:
+        kwargs["dtype"] = "auto"
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SaraError(f"could not load model {model_cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        # A pad token distinct from EOS where possible, so EOS keeps its label.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    return model, tokenizer, model_dir
+
+
+def adapter_tensors(model) -> dict:
+    """{`module.tensor`: fp32 CPU tensor} for every adapter layer of `model`."""
+    from sara_cli.inject import adapter_layers
+
+    tensors = {}
+    for module_name, layer in adapter_layers(model).items():
+        for name, t in layer.adapter_state().items():
+            tensors[f"{module_name}.{name}"] = t.detach().to("cpu").contiguous()
+    return tensors
+
+
+def save_adapter(model, folder: Path, meta: dict, tensors: dict | None = None) -> int:
+    """Write the adapter weights and config into `folder` (each file atomically).
+
+    Args:
+        tensors: the adapter tensors when the caller gathered them (FSDP/DeepSpeed); default:
+            read from the model's adapter layers.
+
+    Returns the size on disk in bytes.
+    """
+    from safetensors.torch import save_file
+
+    from sara_cli.inject import adapter_layers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = adapter_layers(model)
+    config = {**meta, "sara_version": __version__,
+              "ranks": {name: layer.rank() for name, layer in layers.items()}}
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        tensors = tensors if tensors is not None else adapter_tensors(model)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", "sara_version": __version__})
+    write_json(folder / CONFIG_NAME, config)
+    return sum(p.stat().st_size for p in (folder / WEIGHTS_NAME, folder / CONFIG_NAME))
+
+
+def find_adapter_dir(path: Path | str) -> Path:
+    """The adapter folder for a run folder, an adapter folder, or a checkpoint folder.
+
+    Raises:
+        SaraError: no sara_config.json there.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SaraError(f"{path} does not exist; give a training output folder or an adapter folder")
+    for candidate in (path, path / "adapter"):
+        if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
+            return candidate
+    raise SaraError(f"{path} holds no sara adapter ({CONFIG_NAME} + {WEIGHTS_NAME}); give a finished "
+                    "run's output folder or its adapter/ folder")
+
+
+def read_config(adapter_dir: Path) -> dict:
+    return json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
+
+
+def load_adapter_tensors(model, adapter_dir: Path, trainable_only: bool = False) -> None:
+    """Copy saved adapter tensors into the adapter layers of `model` (shapes must match)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / WEIGHTS_NAME))
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for key, value in state.items():
+            target = named.get(key)
+            if target is None:
+                raise SaraError(f"adapter tensor {key} has no place in this model; the adapter was "
+                                "trained on another base or another version")
+            if trainable_only and not getattr(target, "requires_grad", False):
+                continue
+            if target.shape != value.shape:
+                raise SaraError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
+                                f"expects {tuple(target.shape)}; the adapter belongs to another base")
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def attach_adapter(model, adapter_dir: Path):
+    """Wrap `model` (the original base) with the saved adapter, exactly as trained.
+
+    No decomposition is made: ranks come from the config and the frozen factors from the file.
+    Returns {module name: layer}.
+    """
+    from sara_cli.inject import inject_adapters
+
+    config = read_config(adapter_dir)
+    layers = inject_adapters(model, config["method"], config["options"], config["targets"],
+                             ranks=config["ranks"], initialize=False)
+    load_adapter_tensors(model, adapter_dir)
+    for layer in layers.values():
+        layer.after_load()
+    return layers
+
+
+def load_adapter_model(adapter_dir: Path, base: str | None = None, dtype: str | None = None,
+                       device: str | None = None):
+    """Base model + saved adapter, ready for inference. Returns (model, tokenizer, config)."""
+    from sara_cli.recipe import ModelSection
+
+    config = read_config(adapter_dir)
+    recorded = config["base_model"]
+    model_cfg = ModelSection(name_or_path=base or recorded["name_or_path"],
+                             dtype=dtype or recorded.get("dtype", "auto"),
+                             trust_remote_code=recorded.get("trust_remote_code", False))
+    model, tokenizer, _ = load_base_model(model_cfg, device)
+    attach_adapter(model, adapter_dir)
+    model.eval()
+    return model, tokenizer, config

@@ -1,0 +1,397 @@
+"""`sara train`: recipe -> model -> adapters -> transformers' Trainer -> adapter folder.
+
+The Trainer brings mixed precision, gradient accumulation, schedulers, checkpoints and
+DDP/FSDP/DeepSpeed under torchrun or accelerate. sara adds what is specific to it: adapter-only
+checkpoints written atomically, SORSA's regulariser step, SIGINT/SIGTERM handling, logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+
+from sara_cli import checkpoint, hub
+from sara_cli.errors import SaraError
+from sara_cli.files import atomic_dir, write_text
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"
+LOG_NAME = "trainer_log.jsonl"
+
+
+class Interrupted(SaraError):
+    exit_code = 130
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# -- the output folder -----------------------------------------------------------------------------
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders that finished saving (a rename makes them appear), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := CHECKPOINT.match(p.name)) and (p / checkpoint.WEIGHTS_NAME).is_file()
+             and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+@dataclass
+class RunPlan:
+    output_dir: Path
+    resume_from: Path | None = None
+    previous: Path | None = None  # an old run moved aside by --overwrite, deleted on success
+    notices: list[str] = field(default_factory=list)
+
+
+def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict) -> RunPlan:
+    """Decide between a fresh run, a resume, or an error, without losing anything.
+
+    Raises:
+        SaraError: output_dir is a file, not writable, a finished run, or holds checkpoints with
+            --no-resume; each unless --overwrite where that makes sense.
+    """
+    import yaml
+
+    plan = RunPlan(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
+    finished = (output_dir / "adapter" / checkpoint.CONFIG_NAME).is_file()
+    checkpoints = complete_checkpoints(output_dir)
+    if overwrite and (finished or checkpoints):
+        plan.previous = output_dir.with_name(f"{output_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        plan.notices.append(f"--overwrite: the earlier run is kept at {plan.previous} until this one finishes")
+        return plan
+    if finished:
+        raise SaraError(f"{output_dir} holds a finished run; pass --overwrite to train again, or "
+                        "choose another train.output_dir")
+    if checkpoints and not resume:
+        raise SaraError(f"{output_dir} holds checkpoints and --no-resume was given; pass --overwrite "
+                        "to start over, or drop --no-resume to continue")
+    if checkpoints:
+        saved = output_dir / checkpoint.RECIPE_NAME
+        if saved.is_file():
+            before = yaml.safe_load(saved.read_text())
+            changed = [s for s in ("model", "adapter", "data") if before.get(s) != resolved.get(s)]
+            if changed:
+                raise SaraError(f"{output_dir} was started with a different recipe ({', '.join(changed)} "
+                                "changed); pass --overwrite to start over, or choose another output_dir")
+        plan.resume_from = checkpoints[-1]
+        plan.notices.append(f"resuming from {plan.resume_from.name} "
+                            f"(use --no-resume --overwrite to start over)")
+    return plan
+
+
+def prepare_output(plan: RunPlan) -> None:
+    """Create the folder (moving an overwritten run aside) and check that it is writable."""
+    if not is_main_process():
+        return
+    try:
+        if plan.previous is not None:
+            os.replace(plan.output_dir, plan.previous)
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        probe = plan.output_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SaraError(f"cannot write to train.output_dir {plan.output_dir}: {exc.strerror}; "
+                        "check permissions or choose another folder") from None
+    shutil.rmtree(plan.output_dir / STAGING, ignore_errors=True)  # left by a killed save
+
+
+# -- callbacks -------------------------------------------------------------------------------------
+
+class SorsaCallback(TrainerCallback):
+    """After every optimizer step: W_p <- W_p - gamma * grad(L_reg) (SORSA's separate step)."""
+
+    def __init__(self, layers, gamma: float):
+        self.layers = list(layers)
+        self.gamma = gamma
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for layer in self.layers:
+            layer.orthonormal_step(self.gamma)
+
+
+class SignalCallback(TrainerCallback):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class LogCallback(TrainerCallback):
+    """Append every log record to trainer_log.jsonl (main process only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import json
+
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+class SaraTrainer(Trainer):
+    """Trainer whose checkpoints hold only the adapter, appearing at their final path by rename."""
+
+    def __init__(self, *args, adapter_meta: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter_meta = adapter_meta
+
+    def _save(self, output_dir=None, state_dict=None):
+        from sara_cli.inject import is_adapter_parameter
+
+        tensors = None
+        if state_dict:  # FSDP / DeepSpeed hand over a gathered state dict
+            tensors = {k: v for k, v in state_dict.items() if is_adapter_parameter(k)}
+        checkpoint.save_adapter(self.model, Path(output_dir or self.args.output_dir), self.adapter_meta,
+                                tensors=tensors)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        checkpoint.load_adapter_tensors(model or self.model, Path(resume_from_checkpoint), trainable_only=True)
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        staging = run_dir / STAGING
+        original = self._get_output_dir
+        self._get_output_dir = lambda trial=None: str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = original
+        if self.args.should_save:
+            name = f"checkpoint-{self.state.global_step}"
+            target = run_dir / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=None, use_mtime=False)
+
+
+def training_arguments(recipe, output_dir: Path, has_eval: bool, use_cuda: bool):
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    bf16 = t.bf16 if t.bf16 is not None else (use_cuda and _bf16_supported())
+    warmup = t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps  # v5: < 1 is a ratio
+    return TrainingArguments(
+        output_dir=str(output_dir), learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=warmup, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        label_smoothing_factor=t.label_smoothing_factor, optim=t.optim, bf16=bf16, fp16=t.fp16,
+        **_checkpointing(t.gradient_checkpointing),
+        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, save_strategy="steps",
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no", eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
+        report_to=t.report_to, dataloader_num_workers=t.dataloader_num_workers,
+        ddp_backend=t.ddp_backend or (None if use_cuda or not distributed else "gloo"), disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        use_cpu=not use_cuda,
+    )
+
+
+def _checkpointing(enabled: bool) -> dict:
+    """Non-reentrant activation checkpointing, under this transformers version's argument name.
+
+    Non-reentrant checkpointing gives the adapters gradients although the frozen base's
+    inputs need none (the reentrant variant would silently train nothing).
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if not enabled:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def build(recipe, initialize_from: Path | None = None):
+    """Load the base and wrap it with adapters (fresh, or from a checkpoint's saved state).
+
+    Returns (model, tokenizer, layers, meta).
+    """
+    import torch
+    from transformers import set_seed
+
+    from sara_cli.inject import inject_adapters
+
+    use_cuda = torch.cuda.is_available()
+    model, tokenizer, model_dir = checkpoint.load_base_model(recipe.model)
+    if use_cuda:
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    set_seed(recipe.train.seed)
+    if initialize_from is not None:
+        layers = checkpoint.attach_adapter(model, initialize_from)
+    else:
+        layers = inject_adapters(model, recipe.adapter.method, recipe.adapter.layer_options(),
+                                 recipe.adapter.targets)
+    meta = {
+        "method": recipe.adapter.method,
+        "options": recipe.adapter.layer_options(),
+        "targets": list(layers),
+        "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
+                       "path": str(model_dir), "dtype": recipe.model.dtype,
+                       "trust_remote_code": recipe.model.trust_remote_code,
+                       "fingerprint": hub.fingerprint(model_dir)},
+        "recipe": recipe.resolved(),
+    }
+    return model, tokenizer, layers, meta
+
+
+def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = False, reporter=None) -> dict:
+    """Run a recipe end to end. Returns a summary dict (output folder, steps, final loss, size).
+
+    Raises:
+        SaraError: any user-fixable problem; Interrupted after SIGINT/SIGTERM (a checkpoint is saved).
+    """
+    import torch
+    import yaml
+    from transformers import DataCollatorForSeq2Seq
+    from transformers.trainer_callback import PrinterCallback
+
+    from sara_cli.data import prepare
+
+    output_dir = Path(recipe.train.output_dir).expanduser()
+    resolved = recipe.resolved()
+    plan = plan_output(output_dir, resume, overwrite, resolved)
+    use_cuda = torch.cuda.is_available()
+    if reporter:
+        for notice in plan.notices:
+            reporter.notice(notice)
+        if not use_cuda:
+            reporter.notice("no CUDA GPU: training on the CPU in float32 (fine for the quickstart, slow for real models)")
+    model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
+    if reporter:
+        reporter.built(recipe, model, layers)
+    if dry_run:
+        return {"dry_run": True, "layers": {n: l.rank() for n, l in layers.items()}}
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    train_set, eval_set = prepare(recipe.data, tokenizer, recipe.train.seed)
+    prepare_output(plan)
+    if is_main_process():
+        write_text(output_dir / checkpoint.RECIPE_NAME, yaml.safe_dump(resolved, sort_keys=False))
+        if plan.resume_from is None:
+            (output_dir / LOG_NAME).unlink(missing_ok=True)
+    args = training_arguments(recipe, output_dir, eval_set is not None, use_cuda)
+    model.config.use_cache = False
+    signals = SignalCallback()
+    log = LogCallback(output_dir / LOG_NAME)
+    callbacks = [signals, log]
+    if recipe.adapter.method == "sorsa":
+        callbacks.insert(0, SorsaCallback(layers.values(), recipe.adapter.gamma))
+    if reporter:
+        callbacks.append(reporter.progress_callback())
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8 if use_cuda else None,
+                                      label_pad_token_id=-100, return_tensors="pt", padding=True)
+    trainer = SaraTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+                          adapter_meta=meta)
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    if trainer.is_world_process_zero():
+        plot_losses(output_dir)
+    if signals.received is not None:
+        raise Interrupted(f"stopped by {signal.Signals(signals.received).name} at step "
+                          f"{trainer.state.global_step}; checkpoint saved in {output_dir}. "
+                          "Rerun the same command to resume")
+    size = 0
+    if trainer.is_world_process_zero():
+        with atomic_dir(output_dir / "adapter", overwrite=True) as staging:
+            size = checkpoint.save_adapter(model, staging, meta)
+        if plan.previous is not None:
+            shutil.rmtree(plan.previous, ignore_errors=True)
+    return {"output_dir": str(output_dir), "adapter_dir": str(output_dir / "adapter"),
+            "steps": trainer.state.global_step, "train_loss": result.training_loss,
+            "first_loss": next((r["loss"] for r in log.records if "loss" in r), None),
+            "last_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
+            "adapter_bytes": size}
+
+
+def plot_losses(output_dir: Path) -> None:
+    """loss.png: training (and eval) loss against step, from trainer_log.jsonl."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sara_cli.files import atomic_path
+
+    path = output_dir / LOG_NAME
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(output_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(output_dir / "loss.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
