@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 DEBUG = {"on": False, "argv": False}
 
@@ -159,3 +159,29 @@ def train(
                       f"{summary['steps']} steps" if summary["first_loss"] is not None else
                       f"{summary['steps']} steps")
         console.print(f"adapter: {summary['adapter_dir']} ({summary['adapter_bytes'] / 1e6:.2f} MB)")
+
+
+# -- merge ---------------------------------------------------------------------------------------
+
+@command
+def merge(
+    path: Path = typer.Argument(..., help="Training output folder or adapter folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (must not exist unless --overwrite)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model; default: the one recorded in the adapter."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base's), bfloat16, float16 or float32."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged and adapter logits."),
+    routing: str = typer.Option("refuse", "--routing", help="Mo-SARA: refuse, or mean (average gates)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Mo-SARA --routing mean: records to average the gates over."),
+    fmt: str = typer.Option("hf", "--format", help="hf (merged checkpoint) or peft-lora (LoRA adapter)."),
+    force: bool = typer.Option(False, "--force", help="Merge even if --base does not match the recorded base."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (only once the new one is complete)."),
+) -> None:
+    """Fold a trained adapter into its base: a plain Hugging Face checkpoint, verified."""
+    from sara_cli.cli_views import merge_report
+    from sara_cli.merge import merge as run_merge
+
+    with console.status("merging"):
+        report = run_merge(path, out, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
+                           routing=routing, calibration=calibration, fmt=fmt, force=force, overwrite=overwrite)
+    merge_report(console, report)

@@ -165,3 +165,20 @@ class RichProgressCallback(_progress_callback_base()):
             self.progress.update(self.task, completed=state.global_step)
             self.progress.stop()
             self.progress = None
+
+
+def merge_report(console: Console, report) -> None:
+    v = report.verification
+    console.print(f"merged {report.tensors_merged} tensors ({report.method}) into {report.out} "
+                  f"[{report.shards} shard{'s' if report.shards != 1 else ''}] in {report.seconds:.1f} s, "
+                  f"peak host memory {report.peak_memory_mb:,.0f} MB", highlight=False)
+    if not v:
+        return
+    line = (f"verification ({v['dtype']}): max |logit diff| {v['max_abs_logit_diff']:.3g}, "
+            f"greedy agreement {v['greedy_agreement']:.2%} over {v['tokens']} tokens")
+    if "calibration_loss_change" in v:
+        line += (f"; calibration loss routed {v['calibration_loss_routed']:.4f} -> merged "
+                 f"{v['calibration_loss_merged']:.4f} ({v['calibration_loss_change']:+.4f})")
+        console.print(line + " [mean routing: an approximation]", highlight=False)
+    else:
+        console.print(line + (" [passed]" if v.get("passed") else ""), highlight=False)

@@ -1,0 +1,409 @@
+"""`sara merge`: fold a trained adapter into the base weights and write a plain HF checkpoint.
+
+The base is streamed one safetensors shard at a time: every targeted tensor gets its update
+added in float32 and is cast once to the output dtype; every other tensor is copied unchanged.
+Everything is written into a staging folder beside --out and renamed into place at the end, so
+a failed or interrupted merge leaves nothing at --out.
+
+Per method, the update against the ORIGINAL base W, as low-rank factors delta W = scale * B A:
+    lora    B (out, r), A (r, in), scale alpha / r
+    pissa   [B, -B0] (out, 2r), [A; A0] (2r, in)            = B A - B0 A0
+    sorsa   [U S, -U0 S0] (out, 2r), [Vh; Vh0] (2r, in)     = U S Vh - U0 S0 Vh0
+    sara    U diag(lam) (out, k), Vh (k, in)
+    mosara  (mean routing only) diag(v) U diag(gbar Lam) (out, k), Vh (k, in)
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sara_cli import checkpoint, hub
+from sara_cli.errors import SaraError
+from sara_cli.files import atomic_dir
+
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+BASE_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
+SKIPPED_FILES = {"config.json", "model.safetensors.index.json", checkpoint.CONFIG_NAME,
+                 "adapter_config.json"}
+VERIFY_TEXT = ["The quick brown fox jumps over the lazy dog.",
+               "Question: what is 12 plus 30? Answer: 42.",
+               "Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request."]
+# bf16/fp16: rounding moves logits by a fraction of a percent per layer; a broken merge moves them
+# by their own size. Fail only past 10% of the logits' spread (see docs/merge.md).
+HALF_PRECISION_TOLERANCE = 0.10
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    method: str
+    tensors_merged: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    verification: dict = field(default_factory=dict)
+    routing: dict = field(default_factory=dict)
+
+
+# -- the update, functional on the saved tensors ----------------------------------------------------
+
+def factors(method: str, options: dict, t: dict, mean_gate=None):
+    """(B (out, q), A (q, in), scale) with delta W = scale * B A, from one module's saved tensors.
+
+    Args:
+        t: the module's adapter tensors by name without the module path (e.g. "sara_U").
+        mean_gate: (m,) static gate for Mo-SARA; required for it.
+    """
+    import torch
+
+    if method == "lora":
+        return t["lora_B"], t["lora_A"], float(options["alpha"]) / t["lora_A"].shape[0]
+    if method == "pissa":
+        return (torch.cat([t["pissa_B"], -t["pissa_B0"]], dim=1),
+                torch.cat([t["pissa_A"], t["pissa_A0"]], dim=0), 1.0)
+    if method == "sorsa":
+        return (torch.cat([t["sorsa_U"] * t["sorsa_S"], -t["sorsa_U0"] * t["sorsa_S0"]], dim=1),
+                torch.cat([t["sorsa_Vh"], t["sorsa_Vh0"]], dim=0), 1.0)
+    if method == "sara":
+        lam = t.get("sara_lambda")
+        return (t["sara_U"] * lam if lam is not None else t["sara_U"]), t["sara_Vh"], 1.0
+    if method == "mosara":
+        lbar = mean_gate.to(t["mosara_lambda"]) @ t["mosara_lambda"]  # (k,)
+        U, Vh, v = t["mosara_U"], t["mosara_Vh"], t["mosara_v"]
+        if options.get("v_position", "after") == "after":
+            return v[:, None] * U * lbar, Vh, 1.0
+        return U * lbar, Vh * v[None, :], 1.0
+    raise SaraError(f"unknown adapter method '{method}' in sara_config.json")
+
+
+def grouped_tensors(adapter_dir: Path, modules: list[str]) -> dict[str, dict]:
+    """{module: {tensor name: fp32 tensor}} from adapter_model.safetensors."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / checkpoint.WEIGHTS_NAME))
+    grouped: dict[str, dict] = {m: {} for m in modules}
+    for key, value in state.items():
+        module, _, name = key.rpartition(".")
+        if module in grouped:
+            grouped[module][name] = value.float()
+    return grouped
+
+
+def match_tensor_names(modules: list[str], tensor_names: list[str]) -> dict[str, str]:
+    """{checkpoint tensor name: module} for the targeted modules' weights.
+
+    Checkpoint keys can differ from module paths by a prefix (GPT-2 hub files store `h.0...`
+    for `transformer.h.0...`), so a unique suffix match is accepted.
+    """
+    weights = {n[: -len(".weight")]: n for n in tensor_names if n.endswith(".weight")}
+    mapping = {}
+    for module in modules:
+        if module in weights:
+            mapping[weights[module]] = module
+            continue
+        hits = [w for w in weights if module.endswith("." + w) or w.endswith("." + module)]
+        if len(hits) != 1:
+            raise SaraError(f"adapter module {module} has no unique weight in the base checkpoint; "
+                            "is --base the model the adapter was trained on?")
+        mapping[weights[hits[0]]] = module
+    return mapping
+
+
+# -- the streaming merge ---------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '200KB' / bytes -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    cleaned = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if cleaned.endswith(unit):
+            try:
+                return int(float(cleaned[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if cleaned.isdigit():
+        return int(cleaned)
+    raise SaraError(f"--max-shard-size '{text}' is not a size; use e.g. 5GB, 500MB")
+
+
+class ShardWriter:
+    """Accumulate tensors and write safetensors shards of at most `max_bytes` each."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        filename = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.folder / filename), metadata={"format": "pt"})
+        self.files.append((filename, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Name the shards the way transformers does and write the index. Returns the count."""
+        import json
+
+        self.flush()
+        if len(self.files) == 1:
+            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
+            return 1
+        weight_map = {}
+        count = len(self.files)
+        for i, (filename, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.folder / filename).rename(self.folder / final)
+            weight_map.update({n: final for n in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return count
+
+
+def stream_merge(base_dir: Path, staging: Path, updates: dict, out_dtype, transposed: bool,
+                 max_bytes: int) -> tuple[int, int]:
+    """Write base + updates into `staging`, one input tensor at a time.
+
+    Args:
+        updates: {checkpoint tensor name: (B, A, scale)}; delta W = scale * B A (out, in).
+        out_dtype: torch dtype for floating tensors, or None to keep each tensor's own.
+
+    Returns (tensors merged, shards written).
+    """
+    import torch
+    from safetensors import safe_open
+
+    writer = ShardWriter(staging, max_bytes)
+    merged = 0
+    for path in hub.weight_files(base_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                target_dtype = out_dtype if (out_dtype is not None and tensor.is_floating_point()) else tensor.dtype
+                if name in updates:
+                    B, A, scale = updates[name]
+                    delta = (B @ A) * scale  # (out, in), float32
+                    W = tensor.to(torch.float32) + (delta.T if transposed else delta)
+                    if not bool(torch.isfinite(W).all()):
+                        raise SaraError(f"merging {name} produced NaN or inf; the adapter is broken")
+                    tensor = W.to(target_dtype)
+                    merged += 1
+                elif tensor.dtype != target_dtype:
+                    tensor = tensor.to(target_dtype)
+                writer.add(name, tensor)
+    return merged, writer.finish()
+
+
+def copy_base_files(base_dir: Path, staging: Path, dtype_name: str | None) -> None:
+    """Tokenizer files, generation config, chat template; config.json without sara fields."""
+    import json
+
+    for pattern in BASE_FILES:
+        for path in base_dir.glob(pattern):
+            if path.name not in SKIPPED_FILES and path.is_file():
+                shutil.copy2(path, staging / path.name)
+    config = {k: v for k, v in hub.load_config(base_dir).items() if not k.startswith("sara")}
+    if dtype_name is not None:
+        config["dtype"] = dtype_name
+        config.pop("torch_dtype", None)
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def output_dtype(choice: str, base_dir: Path):
+    """(torch dtype or None to keep, config name) for --dtype."""
+    import torch
+
+    if choice == "auto":
+        config = hub.load_config(base_dir)
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        return None, name
+    if choice not in DTYPES:
+        raise SaraError(f"--dtype must be auto, bfloat16, float16 or float32, got '{choice}'")
+    return getattr(torch, choice), choice
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def verification_texts(config: dict, limit: int = 4) -> list[str]:
+    """A few of the run's own training texts when the data is at hand, else built-in text."""
+    from sara_cli.data import Tokenize, load_records
+
+    recipe = config.get("recipe") or {}
+    data = recipe.get("data") or {}
+    try:
+        records = load_records(data["train_file"], data.get("train_split", "train"), limit,
+                               data.get("columns"))
+
+        class _NoTokenizer:  # only the text formatting of Tokenize is used
+            chat_template = None
+
+        formatter = Tokenize(_NoTokenizer(), data.get("template", "alpaca"), 0, True)
+        texts = [formatter.texts(dict(r))[1] for r in records]
+        return texts or VERIFY_TEXT
+    except Exception:  # the data may be gone or on another machine; the check still runs
+        return VERIFY_TEXT
+
+
+def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str, config: dict,
+                 texts: list[str]):
+    """Mean gate per Mo-SARA layer over the calibration data, and the routed model's outputs.
+
+    Returns ({module: (m,) mean gate}, routed outputs on `texts`, routed outputs on calibration).
+    """
+    from sara_cli.data import Tokenize, load_records
+    from sara_cli.gates import collect_gates
+    from sara_cli.verify import device_for_inference, free, run_model
+
+    records = load_records(calibration, limit=256)
+    template = (config.get("recipe") or {}).get("data", {}).get("template", "alpaca")
+    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
+    formatter = Tokenize(tokenizer, template, 0, True)
+    calibration_texts = [formatter.texts(dict(r))[1] for r in records]
+    gates = collect_gates(model, tokenizer, calibration_texts)
+    mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
+    routed = run_model(model, tokenizer, texts)
+    routed_calibration = run_model(model, tokenizer, calibration_texts)
+    free(model)
+    return mean_gates, routed, routed_calibration, calibration_texts
+
+
+def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", max_shard_size: str = "5GB",
+          verify: bool = True, routing: str = "refuse", calibration: str | None = None,
+          fmt: str = "hf", force: bool = False, overwrite: bool = False) -> MergeReport:
+    """Merge the adapter in `path` (a run or adapter folder) into its base; write to `out`.
+
+    Raises:
+        SaraError: no adapter, base mismatch, quantized base, Mo-SARA without --routing mean,
+            missing calibration data, a failed verification, or a write error. Nothing is
+            left at `out` in any of these cases.
+    """
+    started = time.perf_counter()
+    adapter_dir = checkpoint.find_adapter_dir(path)
+    config = checkpoint.read_config(adapter_dir)
+    method = config["method"]
+    if routing not in ("refuse", "mean"):
+        raise SaraError(f"--routing must be refuse or mean, got '{routing}'")
+    if fmt not in ("hf", "peft-lora"):
+        raise SaraError(f"--format must be hf or peft-lora, got '{fmt}'")
+    if method == "mosara" and routing == "refuse":
+        raise SaraError("Mo-SARA routes every token to its own mix of singular values, so no single "
+                        "weight matrix reproduces it exactly; to merge anyway with each layer's "
+                        "average routing, pass --routing mean --calibration DATA")
+    if method == "mosara" and not calibration:
+        raise SaraError("--routing mean needs --calibration DATA (instruction records to average the gates over)")
+    if calibration:
+        from sara_cli.builtin import is_builtin
+
+        if not is_builtin(calibration) and not Path(calibration).is_file():
+            raise SaraError(f"calibration file {calibration} does not exist")
+    base_ref = base or config["base_model"]["name_or_path"]
+    base_dir = hub.resolve_model_dir(base_ref)
+    base_config = hub.load_config(base_dir)
+    hub.check_not_quantized(base_dir, base_config)
+    recorded = config["base_model"].get("fingerprint")
+    if recorded and hub.fingerprint(base_dir) != recorded and not force:
+        raise SaraError(f"base {base_ref} does not match the model this adapter was trained on "
+                        f"({config['base_model']['name_or_path']}, fingerprint {recorded}); pass --force "
+                        "to merge anyway")
+    out_dtype, dtype_name = output_dtype(dtype, base_dir)
+    max_bytes = parse_size(max_shard_size)
+    report = MergeReport(out=Path(out), method=method)
+
+    texts = verification_texts(config)
+    mean_gates, routed, routed_calibration, calibration_texts = {}, None, None, []
+    if method == "mosara":
+        mean_gates, routed, routed_calibration, calibration_texts = mean_routing(
+            adapter_dir, base_ref, dtype_name, calibration, config, texts)
+
+    modules = list(config["ranks"])
+    tensors = grouped_tensors(adapter_dir, modules)
+    mapping = match_tensor_names(modules, list(hub.tensor_index(base_dir)))
+    updates = {name: factors(method, config["options"], tensors[module], mean_gates.get(module))
+               for name, module in mapping.items()}
+
+    with atomic_dir(out, overwrite=overwrite) as staging:
+        if fmt == "peft-lora":
+            from sara_cli.export import write_peft_lora
+
+            from sara_cli.builtin import is_builtin
+
+            # PEFT resolves the base by name; a built-in model is named by its local folder.
+            peft_base = str(base_dir) if is_builtin(base_ref) else base_ref
+            write_peft_lora(staging, updates, mapping, peft_base, hub.is_conv1d_checkpoint(base_config))
+            report.tensors_merged, report.shards = len(updates), 1
+        else:
+            report.tensors_merged, report.shards = stream_merge(
+                base_dir, staging, updates, out_dtype, hub.is_conv1d_checkpoint(base_config), max_bytes)
+            copy_base_files(base_dir, staging, dtype_name if out_dtype is not None else None)
+            if verify:
+                report.verification = check_merged(adapter_dir, base_ref, staging, dtype_name, texts,
+                                                   routed, routed_calibration, calibration_texts)
+        report.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report.seconds = time.perf_counter() - started
+        from sara_cli.export import model_card
+
+        (staging / "README.md").write_text(model_card(config, base_ref, fmt, report, calibration))
+    return report
+
+
+def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: str, texts: list[str],
+                 routed=None, routed_calibration=None, calibration_texts=()) -> dict:
+    """Run the adapter model and the merged checkpoint on `texts`; fail on a real mismatch.
+
+    float32: at most 1e-4 logit difference and 100% greedy agreement. bf16/fp16: fail only past
+    HALF_PRECISION_TOLERANCE of the logit spread. Mo-SARA (routed is given): report only.
+    """
+    import torch
+
+    from sara_cli.verify import compare, device_for_inference, free, load_merged, load_tokenizer, run_model
+
+    merged = load_merged(staging, dtype_name)
+    tokenizer = load_tokenizer(staging)
+    for name, p in merged.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise SaraError(f"merged tensor {name} holds NaN or inf; the adapter is broken")
+    merged_out = run_model(merged, tokenizer, texts)
+    merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
+    free(merged)
+    if routed is None:
+        model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
+        routed = run_model(model, tokenizer, texts)
+        free(model)
+    figures = compare(routed, merged_out)
+    figures["dtype"] = dtype_name
+    if merged_calibration is not None:
+        figures["calibration_loss_routed"] = routed_calibration.loss
+        figures["calibration_loss_merged"] = merged_calibration.loss
+        figures["calibration_loss_change"] = merged_calibration.loss - routed_calibration.loss
+        figures["exact"] = False
+        return figures
+    if dtype_name == "float32":
+        ok = figures["max_abs_logit_diff"] <= 1e-4 and figures["greedy_agreement"] == 1.0
+        limit = "1e-4 and 100% agreement"
+    else:
+        ok = figures["max_abs_logit_diff"] <= HALF_PRECISION_TOLERANCE * max(figures["logit_spread"], 1e-6)
+        limit = f"{HALF_PRECISION_TOLERANCE:.0%} of the logit spread"
+    figures["passed"] = ok
+    if not ok:
+        raise SaraError(f"verification failed: merged logits differ from the adapter model's by "
+                        f"{figures['max_abs_logit_diff']:.3g} (limit {limit}), greedy agreement "
+                        f"{figures['greedy_agreement']:.1%}; nothing was written")
+    return figures
