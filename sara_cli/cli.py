@@ -30,8 +30,10 @@ err_console = Console(stderr=True)
 DEBUG = {"on": False, "argv": False}
 
 
-def command(func):
+def command(func=None, *, name: str | None = None):
     """Register a command whose SaraError (and any crash) becomes one line and an exit code."""
+    if func is None:
+        return functools.partial(command, name=name)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -55,7 +57,7 @@ def command(func):
                               "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
-    return app.command()(wrapper)
+    return app.command(name=name)(wrapper)
 
 
 def _quiet_libraries() -> None:
@@ -185,3 +187,75 @@ def merge(
         report = run_merge(path, out, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
                            routing=routing, calibration=calibration, fmt=fmt, force=force, overwrite=overwrite)
     merge_report(console, report)
+
+
+# -- eval ----------------------------------------------------------------------------------------
+
+@command(name="eval")
+def eval_command(
+    model: Optional[str] = typer.Argument(None, help="Merged checkpoint, run/adapter folder, or base model."),
+    task: str = typer.Option(..., "--task", help="Tasks, comma-separated (e.g. svamp,boolq), a test file, or loss."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with <Dataset>/test.json; default: bundled copies."),
+    protocol: str = typer.Option("fast", "--protocol", help="fast (batched greedy) or llm-adapters (4-beam, one by one)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generate call (fast protocol)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N examples of each task."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder; default eval-results/<model>-<protocol>."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: 256 math, 32 commonsense."),
+    score: Optional[Path] = typer.Option(None, "--score", help="Score an existing predictions file (output + answer) without a model."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="With --score or --task loss: write the summary here."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --task loss: instruction records to score."),
+) -> None:
+    """Benchmark accuracy with the LLM-Adapters protocol (or mean loss with --task loss)."""
+    from sara_cli import tasks
+    from sara_cli.cli_views import eval_progress, eval_table
+
+    if score is not None:
+        (only,) = _one_task(tasks.resolve_tasks(task))
+        result = tasks.score_predictions(score, only)
+        console.print(f"{only.name}: {result['correct']}/{result['n']} correct, accuracy "
+                      f"{result['accuracy']:.4f}", highlight=False)
+        if json_path is not None:
+            from sara_cli.files import write_json
+
+            write_json(json_path, {k: v for k, v in result.items()})
+            console.print(f"wrote {json_path}")
+        return
+    if model is None:
+        raise SaraError("give a MODEL (merged checkpoint, run folder or base model), or --score FILE")
+    from sara_cli import evaluate
+
+    evaluate.check_options(protocol, batch_size, limit, max_new_tokens)
+    if task == "loss":
+        if data is None:
+            raise SaraError("--task loss needs --data FILE (instruction records)")
+        loaded, tokenizer, description, config = evaluate.load_model(model)
+        result = evaluate.mean_loss(loaded, tokenizer, data, config, batch_size, limit)
+        console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "
+                      f"{result['perplexity']:.3f} over {result['tokens']:,d} tokens", highlight=False)
+        if json_path is not None:
+            from sara_cli.files import write_json
+
+            write_json(json_path, result)
+        return
+    chosen = tasks.resolve_tasks(task)
+    for t in chosen:  # fail on missing data before loading a model
+        tasks.load_records(t, data_dir, 1)
+    import time
+
+    started = time.perf_counter()
+    loaded, tokenizer, description, _ = evaluate.load_model(model)
+    results = []
+    with eval_progress(console) as (on_start, on_done):
+        for t in chosen:
+            results.append(evaluate.evaluate_task(loaded, tokenizer, t, data_dir, protocol, batch_size,
+                                                  limit, max_new_tokens, on_start, on_done))
+    out = out or Path("eval-results") / f"{Path(model).name or 'model'}-{protocol}"
+    summary = evaluate.write_results(out, results, protocol, description, time.perf_counter() - started)
+    eval_table(console, results, summary, protocol)
+    console.print(f"wrote {out}/summary.json and one <task>.jsonl per task")
+
+
+def _one_task(chosen):
+    if len(chosen) != 1:
+        raise SaraError("--score takes exactly one --task (the rules to score the file with)")
+    return chosen

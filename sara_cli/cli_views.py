@@ -182,3 +182,33 @@ def merge_report(console: Console, report) -> None:
         console.print(line + " [mean routing: an approximation]", highlight=False)
     else:
         console.print(line + (" [passed]" if v.get("passed") else ""), highlight=False)
+
+
+@contextmanager
+def eval_progress(console: Console):
+    """A progress bar per task; yields (on_start(task, total), on_done(n)) callbacks."""
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    current = {}
+
+    def on_start(name: str, total: int) -> None:
+        current["id"] = progress.add_task(name, total=total)
+
+    def on_done(n: int) -> None:
+        progress.update(current["id"], advance=n)
+
+    with progress:
+        yield on_start, on_done
+
+
+def eval_table(console: Console, results, summary: dict, protocol: str) -> None:
+    table = Table(title=f"{summary['model']} ({protocol})", title_justify="left")
+    for column, justify in (("task", "left"), ("n", "right"), ("correct", "right"), ("accuracy", "right"),
+                            ("examples/s", "right"), ("gen tokens/s", "right")):
+        table.add_column(column, justify=justify)
+    for r in results:
+        table.add_row(r.task, str(r.n), str(r.correct), f"{r.accuracy:.4f}", f"{r.examples_per_second:.2f}",
+                      f"{r.tokens_per_second:,.1f}")
+    if len(results) > 1:
+        table.add_row("mean", "", "", f"{summary['mean_accuracy']:.4f}", "", "", style="bold")
+    console.print(table)

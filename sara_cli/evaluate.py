@@ -1,0 +1,195 @@
+"""`sara eval`: generate answers for benchmark tasks and score them the LLM-Adapters way.
+
+Two protocols share the prompt (`tasks.eval_prompt`) and the scoring (`tasks.score_outputs`):
+- `llm-adapters`: one example at a time, beam search with 4 beams, no sampling, exactly as the
+  reference scripts; slow, for comparability checks;
+- `fast` (default): batched greedy decoding, prompts sorted by length, left padding with an
+  explicit attention mask, stopping once every sequence has produced EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sara_cli import checkpoint, hub, tasks
+from sara_cli.errors import SaraError
+from sara_cli.files import atomic_path, write_json
+
+PROTOCOLS = ("fast", "llm-adapters")
+
+
+@dataclass
+class TaskResult:
+    task: str
+    n: int
+    correct: int
+    accuracy: float
+    seconds: float
+    generated_tokens: int
+    records: list = field(repr=False, default_factory=list)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.n / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+def load_model(reference: str, device: str | None = None):
+    """A merged checkpoint, a run/adapter folder (adapter applied on its base), or a base model.
+
+    Returns (model, tokenizer, description, run config or None).
+    Raises:
+        SaraError: a folder that is neither a checkpoint nor a run.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sara_cli.verify import load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(reference)
+    if path.is_dir() and not (path / "config.json").is_file():
+        try:
+            adapter_dir = checkpoint.find_adapter_dir(path)
+        except SaraError:
+            raise SaraError(f"{path} is neither a model checkpoint (no config.json) nor a sara run "
+                            "(no adapter/sara_config.json); give a merged model, a run folder or a base model") from None
+        model, tokenizer, config = checkpoint.load_adapter_model(adapter_dir, device=device)
+        return model, tokenizer, f"{config['method']} adapter {adapter_dir}", config
+    model_dir = hub.resolve_model_dir(reference)
+    hub.weight_files(model_dir)
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, load_tokenizer(model_dir), str(reference), None
+
+
+def _count_generated(sequences, eos_id: int | None) -> list[int]:
+    """Generated tokens per row, up to and including the first EOS.
+
+    A row without EOS ran to max_new_tokens (rows are only padded after their EOS).
+    """
+    rows = sequences.tolist()
+    return [row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows]
+
+
+def generate(model, tokenizer, prompts: list[str], protocol: str, batch_size: int, max_new_tokens: int,
+             on_done: Callable[[int], None] | None = None) -> tuple[list[str], int]:
+    """Responses (the text after "### Response:", stripped) for `prompts`, in order.
+
+    Returns (responses, generated token count).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    decoded: list[str | None] = [None] * len(prompts)
+    generated = 0
+    if protocol == "llm-adapters":
+        settings = dict(num_beams=4, do_sample=False)
+        groups = [[i] for i in range(len(prompts))]
+    else:
+        settings = dict(num_beams=1, do_sample=False)
+        lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
+        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    tokenizer.padding_side = "left"
+    for group in groups:
+        batch = tokenizer([prompts[i] for i in group], return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                 **settings)
+        new = out[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
+        generated += sum(_count_generated(new, eos))
+        for row, i in enumerate(group):
+            text = tokenizer.decode(new[row], skip_special_tokens=True)
+            decoded[i] = tasks.extract_response(prompts[i] + text)
+        if on_done:
+            on_done(len(group))
+    return decoded, generated
+
+
+def evaluate_task(model, tokenizer, task, data_dir: Path | None, protocol: str, batch_size: int,
+                  limit: int | None, max_new_tokens: int | None, on_start=None, on_done=None) -> TaskResult:
+    """Generate and score one task."""
+    records = tasks.load_records(task, data_dir, limit)
+    prompts = [tasks.eval_prompt(r["instruction"]) for r in records]
+    if on_start:
+        on_start(task.name, len(prompts))
+    started = time.perf_counter()
+    responses, generated = generate(model, tokenizer, prompts, protocol, batch_size,
+                                    max_new_tokens or task.max_new_tokens, on_done)
+    seconds = time.perf_counter() - started
+    scored = tasks.score_outputs(task, responses, [r["answer"] for r in records])
+    rows = [{"instruction": r["instruction"], "response": resp, "prediction": s["prediction"],
+             "answer": r["answer"], "correct": s["correct"]}
+            for r, resp, s in zip(records, responses, scored["records"])]
+    return TaskResult(task.name, scored["n"], scored["correct"], scored["accuracy"], seconds, generated, rows)
+
+
+def write_results(out: Path, results: list[TaskResult], protocol: str, model: str, seconds: float) -> dict:
+    """<out>/<task>.jsonl per task and <out>/summary.json; returns the summary."""
+    for result in results:
+        with atomic_path(out / f"{result.task}.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in result.records))
+    summary = {
+        "model": model, "protocol": protocol, "seconds": round(seconds, 3),
+        "tasks": {r.task: {"n": r.n, "correct": r.correct, "accuracy": r.accuracy,
+                           "seconds": round(r.seconds, 3),
+                           "examples_per_second": round(r.examples_per_second, 3),
+                           "generated_tokens_per_second": round(r.tokens_per_second, 2)} for r in results},
+        "mean_accuracy": sum(r.accuracy for r in results) / len(results) if results else 0.0,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int, limit: int | None) -> dict:
+    """Mean token loss and perplexity over an instruction dataset, with the training template."""
+    import math
+
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from sara_cli.data import Tokenize, check_records, load_records
+
+    settings = ((config or {}).get("recipe") or {}).get("data") or {}
+    template = settings.get("template", "alpaca")
+    records = load_records(data, limit=limit, columns=settings.get("columns"))
+    check_records(records, template, data)
+    tokenize = Tokenize(tokenizer, template, settings.get("cutoff_len", 512), settings.get("train_on_inputs", True))
+    features = [tokenize(dict(r)) for r in records]
+    tokenizer.padding_side = "right"
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = {k: v.to(device) for k, v in collator(features[start:start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
+                                                       ignore_index=-100, reduction="sum")
+            total += float(losses)
+            tokens += int((labels != -100).sum())
+    if tokens == 0:
+        raise SaraError(f"{data}: no tokens to score after truncation; check the data")
+    loss = total / tokens
+    return {"data": data, "records": len(records), "tokens": tokens, "loss": loss, "perplexity": math.exp(loss)}
+
+
+def check_options(protocol: str, batch_size: int, limit: int | None, max_new_tokens: int | None) -> None:
+    if protocol not in PROTOCOLS:
+        raise SaraError(f"--protocol must be fast or llm-adapters, got '{protocol}'")
+    if batch_size < 1:
+        raise SaraError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise SaraError(f"--limit must be at least 1, got {limit}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise SaraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
