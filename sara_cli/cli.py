@@ -259,3 +259,28 @@ def _one_task(chosen):
     if len(chosen) != 1:
         raise SaraError("--score takes exactly one --task (the rules to score the file with)")
     return chosen
+
+
+# -- route-map -----------------------------------------------------------------------------------
+
+@command(name="route-map")
+def route_map(
+    path: Path = typer.Argument(..., help="Mo-SARA training output folder or adapter folder."),
+    task: Optional[str] = typer.Option(None, "--task", help="Tasks, comma-separated (eval task names)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Instruction records instead of tasks."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N examples per task."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with <Dataset>/test.json; default: bundled copies."),
+    modules: Optional[str] = typer.Option(None, "--modules", help="Module types to map, e.g. q_proj,v_proj; default all."),
+    tokens: str = typer.Option("prompt", "--tokens", help="prompt (first forward pass, as the paper) or all."),
+    out: Path = typer.Option(Path("route-map"), "--out", help="Folder for route-map.png/.json/.csv."),
+) -> None:
+    """Mo-SARA routing heatmaps: mean gate per layer and expert, per task."""
+    from sara_cli.cli_views import route_map_view
+    from sara_cli.routing import route_map as compute, write_outputs
+
+    with console.status("routing"):
+        result = compute(path, task, data, limit, data_dir,
+                         [m.strip() for m in modules.split(",")] if modules else None, tokens)
+        write_outputs(result, out)
+    route_map_view(console, result)
+    console.print(f"wrote {out}/route-map.png, route-map.json, route-map.csv")

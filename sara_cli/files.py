@@ -13,6 +13,12 @@ from typing import Iterator
 from sara_cli.errors import SaraError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; rename it onto `path` when the block succeeds."""
@@ -26,6 +32,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -63,6 +70,7 @@ def atomic_dir(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
                         "and free space") from exc
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -1,0 +1,194 @@
+"""`sara route-map`: how Mo-SARA's router spreads weight over its singular-value sets.
+
+For each task (or data file), layer, target module and expert, the gate g is averaged over the
+examples and their tokens: by default the prompt tokens of the eval prompt, i.e. the first
+forward pass, as in the SARA paper (section 5.8, appendix D). Per layer it also reports the
+gate entropy, the dominant expert's share, and the share of tokens whose own top expert is the
+layer's dominant one; when that last figure is near 1 the routing is static and the mean-routing
+merge (`sara merge --routing mean`) is close to exact.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sara_cli import checkpoint
+from sara_cli.errors import SaraError
+from sara_cli.files import atomic_path, write_json
+
+LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclass
+class ModuleMap:
+    """Routing of one module type (e.g. q_proj) for one task. Lists are per layer."""
+
+    layers: list[int]
+    mean_gate: list[list[float]]  # (layers, m)
+    entropy: list[float]  # mean per-token entropy of g, in nats
+    dominant: list[int]
+    dominant_share: list[float]  # mean gate of the dominant expert
+    top_agreement: list[float]  # share of tokens whose argmax is the dominant expert
+    tokens: int
+
+
+@dataclass
+class RouteMap:
+    model: str
+    tokens: str
+    experts: int
+    maps: dict[str, dict[str, ModuleMap]] = field(default_factory=dict)  # task -> module -> map
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "tokens": self.tokens, "experts": self.experts,
+                "tasks": {task: {module: vars(m) for module, m in modules.items()}
+                          for task, modules in self.maps.items()}}
+
+    def static_share(self, threshold: float = 0.9) -> float:
+        """Share of (task, module, layer) cells whose dominant expert tops >= threshold of tokens."""
+        cells = [a for modules in self.maps.values() for m in modules.values() for a in m.top_agreement]
+        return sum(a >= threshold for a in cells) / len(cells) if cells else 0.0
+
+
+def summarize(gates: dict, modules: list[str] | None) -> dict[str, ModuleMap]:
+    """Group per-token gates {module path: (N, m)} by module type and layer, with statistics."""
+    import torch
+
+    grouped: dict[str, list[tuple[int, "torch.Tensor"]]] = {}
+    for name, g in gates.items():
+        module = name.split(".")[-1]
+        if modules and module not in modules:
+            continue
+        match = LAYER.search("." + name + ".")
+        grouped.setdefault(module, []).append((int(match.group(1)) if match else 0, g))
+    result = {}
+    for module, items in sorted(grouped.items()):
+        items.sort(key=lambda item: item[0])
+        rows = []
+        for layer, g in items:
+            mean = g.mean(dim=0)  # (m,)
+            dominant = int(mean.argmax())
+            entropy = float(-(g * g.clamp_min(1e-12).log()).sum(-1).mean())
+            rows.append((layer, mean.tolist(), entropy, dominant, float(mean[dominant]),
+                         float((g.argmax(-1) == dominant).float().mean()), g.shape[0]))
+        layers, means, entropies, dominants, shares, agreements, counts = zip(*rows)
+        result[module] = ModuleMap(list(layers), list(means), list(entropies), list(dominants),
+                                   list(shares), list(agreements), counts[0])
+    return result
+
+
+def texts_for(records: list[dict], tokens: str) -> list[str]:
+    """The eval prompts ('prompt': the first forward pass) or prompt + the record's output ('all')."""
+    from sara_cli.tasks import eval_prompt
+
+    prompts = [eval_prompt(r["instruction"]) for r in records]
+    if tokens == "prompt":
+        return prompts
+    return [p + (r.get("output") or "") for p, r in zip(prompts, records)]
+
+
+def route_map(path: Path, task_spec: str | None, data: str | None, limit: int | None, data_dir: Path | None,
+              modules: list[str] | None, tokens: str) -> RouteMap:
+    """Run the Mo-SARA model over the examples and average its gates.
+
+    Raises:
+        SaraError: not a Mo-SARA adapter (names the method), unknown task, missing data, bad limit.
+    """
+    from sara_cli import tasks
+    from sara_cli.data import load_records as load_data
+    from sara_cli.gates import collect_gates
+    from sara_cli.verify import device_for_inference
+
+    if limit is not None and limit < 1:
+        raise SaraError(f"--limit must be at least 1, got {limit}")
+    if tokens not in ("prompt", "all"):
+        raise SaraError(f"--tokens must be prompt or all, got '{tokens}'")
+    if (task_spec is None) == (data is None):
+        raise SaraError("give either --task TASK[,TASK...] or --data FILE")
+    adapter_dir = checkpoint.find_adapter_dir(path)
+    config = checkpoint.read_config(adapter_dir)
+    if config["method"] != "mosara":
+        raise SaraError(f"{adapter_dir} is a {config['method']} adapter; route-map needs a Mo-SARA "
+                        "(method: mosara) run, whose router it maps")
+    sources: dict[str, list[dict]] = {}
+    if task_spec is not None:
+        for task in tasks.resolve_tasks(task_spec):
+            sources[task.name] = tasks.load_records(task, data_dir, limit)
+    else:
+        sources[Path(data).stem if ":" not in data else data.split(":", 1)[1]] = \
+            [dict(r) for r in load_data(data, limit=limit)]
+    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, device=device_for_inference())
+    result = RouteMap(model=str(path), tokens=tokens, experts=int(config["options"]["num_experts"]))
+    for name, records in sources.items():
+        if not records or "instruction" not in records[0]:
+            raise SaraError(f"{name}: records need an 'instruction' field")
+        gates = collect_gates(model, tokenizer, texts_for(records, tokens))
+        result.maps[name] = summarize(gates, modules)
+        if not result.maps[name]:
+            raise SaraError(f"--modules {','.join(modules or [])} matches no Mo-SARA module; "
+                            f"the adapter targets: {', '.join(sorted({m.split('.')[-1] for m in gates}))}")
+    return result
+
+
+def write_outputs(result: RouteMap, out: Path) -> None:
+    """route-map.json, route-map.csv and route-map.png in `out`."""
+    write_json(out / "route-map.json", result.to_json())
+    with atomic_path(out / "route-map.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["task", "module", "layer", "expert", "mean_gate"])
+            for task, modules in result.maps.items():
+                for module, m in modules.items():
+                    for layer, row in zip(m.layers, m.mean_gate):
+                        for expert, value in enumerate(row):
+                            writer.writerow([task, module, layer, expert, f"{value:.6f}"])
+    plot(result, out / "route-map.png")
+
+
+def plot(result: RouteMap, path: Path) -> None:
+    """One heatmap panel per (task, module): rows layers, columns experts, shared colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(task, module, m) for task, modules in result.maps.items() for module, m in modules.items()]
+    n_modules = max(len(modules) for modules in result.maps.values())
+    n_tasks = len(result.maps)
+    n_layers = max(len(m.layers) for _, _, m in panels)
+    vmax = max(max(max(row) for row in m.mean_gate) for _, _, m in panels)
+    height = 1.0 + 0.2 * n_layers
+    fig, axes = plt.subplots(n_tasks, n_modules, squeeze=False, dpi=120, layout="constrained",
+                             figsize=(1.2 + 1.9 * n_modules + 0.8, 0.6 + height * n_tasks))
+    image = None
+    for i, (task, modules) in enumerate(result.maps.items()):
+        for j in range(n_modules):
+            ax = axes[i][j]
+            if j >= len(modules):
+                ax.axis("off")
+                continue
+            module, m = list(modules.items())[j]
+            image = ax.imshow(m.mean_gate, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
+                              interpolation="nearest")
+            ax.set_title(module, fontsize=9)
+            ax.set_xlabel("expert", fontsize=8)
+            ax.set_xticks(range(result.experts))
+            ax.tick_params(labelsize=7)
+            step = max(1, len(m.layers) // 16)
+            ax.set_yticks(range(0, len(m.layers), step))
+            ax.set_yticklabels([str(m.layers[k]) for k in range(0, len(m.layers), step)])
+            if j == 0:
+                ax.set_ylabel(f"{task}\nlayer", fontsize=9)
+    fig.suptitle(f"Mo-SARA mean gate per layer and expert ({result.tokens} tokens)", fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.9, label="mean gate")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def normalized_entropy(m: ModuleMap, experts: int) -> list[float]:
+    return [e / math.log(experts) if experts > 1 else 0.0 for e in m.entropy]
