@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -81,7 +82,7 @@ class TrainReporter:
     def built(self, recipe, model, layers) -> None:
         from sara_cli.inject import parameter_line
 
-        if int(__import__("os").environ.get("RANK", "0")) != 0:
+        if int(os.environ.get("RANK", "0")) != 0:
             return
         rank_name = "k" if recipe.adapter.method in ("sara", "mosara") else "r"
         modules = sorted({name.split(".")[-1] for name in layers})
@@ -99,72 +100,73 @@ class TrainReporter:
         self.console.print(parameter_line(model))
 
     def progress_callback(self):
-        return RichProgressCallback(self.console)
+        return rich_progress_callback(self.console)
 
 
-def _progress_callback_base():
+def rich_progress_callback(console: Console):
+    """A TrainerCallback drawing a rich progress bar: loss, learning rate, tokens/s, ETA.
+
+    The class is made here, not at import, so importing this module stays free of transformers.
+    """
+    import time
+
+    from rich.progress import TimeRemainingColumn
     from transformers import TrainerCallback
 
-    return TrainerCallback
-
-
-class RichProgressCallback(_progress_callback_base()):
-    """A rich progress bar over optimizer steps: loss, learning rate, tokens/s, ETA."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.progress = None
-        self.stats = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        import time
-
-        from rich.progress import TimeRemainingColumn
-
-        if not state.is_world_process_zero:
-            return
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                                 console=self.console)
-        self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step, stats="")
-        self.started = time.perf_counter()
-        self.tokens_at_start = state.num_input_tokens_seen or 0
-        self.progress.start()
-
-    def _stats(self, state) -> str:
-        import time
-
-        parts = []
-        if "loss" in self.stats:
-            parts.append(f"loss {self.stats['loss']:.4f}")
-        if "learning_rate" in self.stats:
-            parts.append(f"lr {self.stats['learning_rate']:.2e}")
-        elapsed = time.perf_counter() - self.started
-        tokens = (state.num_input_tokens_seen or 0) - self.tokens_at_start
-        if elapsed > 0 and tokens:
-            parts.append(f"{tokens / elapsed:,.0f} tok/s")
-        return "  ".join(parts)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, stats=self._stats(state))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
-            return
-        self.stats.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm",
-                                                             "train_loss", "train_runtime"))
-        if shown:
-            self.progress.console.print(f"step {state.global_step}/{state.max_steps}  {shown}", highlight=False)
-        self.progress.update(self.task, stats=self._stats(state))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
-            self.progress.stop()
+    class RichProgressCallback(TrainerCallback):
+        def __init__(self):
             self.progress = None
+            self.stats = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                                     console=console)
+            self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step,
+                                               stats="")
+            self.started = time.perf_counter()
+            self.tokens_at_start = state.num_input_tokens_seen or 0
+            self.progress.start()
+
+        def _stats(self, state) -> str:
+            parts = []
+            if "loss" in self.stats:
+                parts.append(f"loss {self.stats['loss']:.4f}")
+            if "learning_rate" in self.stats:
+                parts.append(f"lr {self.stats['learning_rate']:.2e}")
+            elapsed = time.perf_counter() - self.started
+            tokens = (state.num_input_tokens_seen or 0) - self.tokens_at_start
+            if elapsed > 0 and tokens:
+                parts.append(f"{tokens / elapsed:,.0f} tok/s")
+            return "  ".join(parts)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step, stats=self._stats(state))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress is None or not logs:
+                return
+            self.stats.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in logs.items() if k in SHOWN_LOGS)
+            if shown:
+                self.progress.console.print(f"step {state.global_step}/{state.max_steps}  {shown}",
+                                            highlight=False)
+            self.progress.update(self.task, stats=self._stats(state))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+                self.progress.stop()
+                self.progress = None
+
+    return RichProgressCallback()
+
+
+SHOWN_LOGS = ("loss", "eval_loss", "learning_rate", "grad_norm", "train_loss", "train_runtime")
 
 
 def merge_report(console: Console, report) -> None:
