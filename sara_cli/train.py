@@ -66,10 +66,11 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
     plan = RunPlan(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
+    check_writable(output_dir)
     finished = (output_dir / "adapter" / checkpoint.CONFIG_NAME).is_file()
     checkpoints = complete_checkpoints(output_dir)
     if overwrite and (finished or checkpoints):
-        plan.previous = output_dir.with_name(f"{output_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        plan.previous = _aside_name(output_dir)
         plan.notices.append(f"--overwrite: the earlier run is kept at {plan.previous} until this one finishes")
         return plan
     if finished:
@@ -81,8 +82,9 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
     if checkpoints:
         saved = output_dir / checkpoint.RECIPE_NAME
         if saved.is_file():
-            before = yaml.safe_load(saved.read_text())
-            changed = [s for s in ("model", "adapter", "data") if before.get(s) != resolved.get(s)]
+            before = yaml.safe_load(saved.read_text()) or {}
+            changed = [s for s in ("model", "adapter", "data")
+                       if _without_none(before.get(s)) != _without_none(resolved.get(s))]
             if changed:
                 raise SaraError(f"{output_dir} was started with a different recipe ({', '.join(changed)} "
                                 "changed); pass --overwrite to start over, or choose another output_dir")
@@ -90,6 +92,67 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
         plan.notices.append(f"resuming from {plan.resume_from.name} "
                             f"(use --no-resume --overwrite to start over)")
     return plan
+
+
+def saved_recipe(recipe) -> dict:
+    """The resolved recipe as written to a run, so that `sara train RUN/recipe.yaml` works again.
+
+    The schema rejects another method's adapter keys even when they are null, so the unset
+    (None) adapter settings are left out; every setting of the chosen method has a value.
+    """
+    resolved = recipe.resolved()
+    resolved["adapter"] = _without_none(resolved["adapter"])
+    return resolved
+
+
+def _without_none(section):
+    return {k: v for k, v in section.items() if v is not None} if isinstance(section, dict) else section
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail before the model loads if output_dir cannot be created or written.
+
+    Raises:
+        SaraError: the nearest existing folder on the path is a file or not writable.
+    """
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SaraError(f"cannot write to train.output_dir {output_dir}: {existing} is a file; "
+                        "choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SaraError(f"cannot write to train.output_dir {output_dir}: {existing} is not writable; "
+                        "check permissions or choose another folder")
+
+
+def _aside_name(output_dir: Path) -> Path:
+    """A free `<name>.previous-<time>[-n]` beside output_dir (two overwrites can share a second)."""
+    stem = f"{output_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = output_dir.with_name(stem), 1
+    while candidate.exists():
+        candidate, n = output_dir.with_name(f"{stem}-{n}"), n + 1
+    return candidate
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log records after `step`: a killed run logged steps that the resume repeats, and
+    may have left half a line."""
+    import json
+
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def prepare_output(plan: RunPlan) -> None:
@@ -140,13 +203,33 @@ class SignalCallback(TrainerCallback):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self._any_rank_received(args):
             control.should_save = True
             control.should_training_stop = True
 
+    def _any_rank_received(self, args) -> bool:
+        """Under DDP every rank must stop at the same step, or the others wait forever in the
+        next all-reduce; torchrun forwards the signal to each worker, not at the same moment."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.received is not None
+        import torch
+
+        flag = torch.tensor([0 if self.received is None else 1], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = signal.SIGTERM  # a peer was signalled; stop with it
+        return bool(flag.item())
+
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the previous handlers back (also after a crash, when on_train_end never runs)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class LogCallback(TrainerCallback):
@@ -179,6 +262,8 @@ class SaraTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         from sara_cli.inject import is_adapter_parameter
 
+        if not self.args.should_save:  # DDP: rank 0 alone writes the adapter
+            return
         tensors = None
         if state_dict:  # FSDP / DeepSpeed hand over a gathered state dict
             tensors = {k: v for k, v in state_dict.items() if is_adapter_parameter(k)}
@@ -199,12 +284,18 @@ class SaraTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._get_output_dir = original
+        # Every rank writes its own RNG state into the staging folder: rename only when all are done.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"checkpoint-{self.state.global_step}"
             target = run_dir / name
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging / name, target)
+            try:
+                staging.rmdir()
+            except OSError:
+                pass
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=None, use_mtime=False)
 
@@ -229,6 +320,9 @@ def training_arguments(recipe, output_dir: Path, has_eval: bool, use_cuda: bool)
         eval_strategy="steps" if has_eval else "no", eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=t.report_to, dataloader_num_workers=t.dataloader_num_workers,
         ddp_backend=t.ddp_backend or (None if use_cuda or not distributed else "gloo"), disable_tqdm=True,
+        # Every adapter parameter takes part in every forward; the default (True without
+        # checkpointing) only adds a graph traversal per step and a warning per rank.
+        ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         use_cpu=not use_cuda,
     )
@@ -285,7 +379,7 @@ def build(recipe, initialize_from: Path | None = None):
                        "path": str(model_dir), "dtype": recipe.model.dtype,
                        "trust_remote_code": recipe.model.trust_remote_code,
                        "fingerprint": hub.fingerprint(model_dir)},
-        "recipe": recipe.resolved(),
+        "recipe": saved_recipe(recipe),
     }
     return model, tokenizer, layers, meta
 
@@ -304,10 +398,10 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     from sara_cli.data import prepare
 
     output_dir = Path(recipe.train.output_dir).expanduser()
-    resolved = recipe.resolved()
+    resolved = saved_recipe(recipe)
     plan = plan_output(output_dir, resume, overwrite, resolved)
     use_cuda = torch.cuda.is_available()
-    if reporter:
+    if reporter and is_main_process():
         for notice in plan.notices:
             reporter.notice(notice)
         if not use_cuda:
@@ -315,18 +409,21 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
     if reporter:
         reporter.built(recipe, model, layers)
-    if dry_run:
-        return {"dry_run": True, "layers": {n: l.rank() for n, l in layers.items()}}
 
     import datasets
 
     datasets.disable_progress_bars()
-    train_set, eval_set = prepare(recipe.data, tokenizer, recipe.train.seed)
+    train_set, eval_set = prepare(recipe.data, tokenizer, recipe.train.seed)  # a dry run checks data too
+    if dry_run:
+        return {"dry_run": True, "layers": {n: l.rank() for n, l in layers.items()},
+                "train_records": len(train_set), "eval_records": len(eval_set) if eval_set else 0}
     prepare_output(plan)
     if is_main_process():
         write_text(output_dir / checkpoint.RECIPE_NAME, yaml.safe_dump(resolved, sort_keys=False))
         if plan.resume_from is None:
             (output_dir / LOG_NAME).unlink(missing_ok=True)
+        else:
+            trim_log(output_dir / LOG_NAME, int(CHECKPOINT.match(plan.resume_from.name).group(1)))
     args = training_arguments(recipe, output_dir, eval_set is not None, use_cuda)
     model.config.use_cache = False
     signals = SignalCallback()
@@ -342,7 +439,10 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
                           data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
                           adapter_meta=meta)
     trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    finally:
+        signals.restore()
     if trainer.is_world_process_zero():
         plot_losses(output_dir)
     if signals.received is not None:
