@@ -28,7 +28,7 @@ def load_base_model(model_cfg, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = hub.resolve_model_dir(model_cfg.name_or_path)
+    model_dir = hub.resolve_model_dir(model_cfg.name_or_path, model_cfg.revision)
     config = hub.load_config(model_dir)
     hub.check_not_quantized(model_dir, config)
     hub.weight_files(model_dir)  # a clear error for .bin-only checkpoints
@@ -154,6 +154,7 @@ def load_adapter_model(adapter_dir: Path, base: str | None = None, dtype: str | 
     config = read_config(adapter_dir)
     recorded = config["base_model"]
     model_cfg = ModelSection(name_or_path=base or recorded["name_or_path"],
+                             revision=None if base else recorded.get("revision"),
                              dtype=dtype or recorded.get("dtype", "auto"),
                              trust_remote_code=recorded.get("trust_remote_code", False))
     model, tokenizer, _ = load_base_model(model_cfg, device)

@@ -7,6 +7,7 @@ A `SaraError` becomes a one-line message and exit code 2; `--debug` shows the tr
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -45,7 +46,10 @@ def command(func=None, *, name: str | None = None):
         except SaraError as exc:
             if DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            label = getattr(exc, "label", "error")
+            if label == "error" or os.environ.get("RANK", "0") == "0":  # a clean stop: say it once
+                colour = "red" if label == "error" else "yellow"
+                err_console.print(f"[bold {colour}]{label}:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -62,8 +66,6 @@ def command(func=None, *, name: str | None = None):
 
 def _quiet_libraries() -> None:
     """Our progress bars replace the libraries' tqdm bars and info logs (set before they import)."""
-    import os
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,7 +94,10 @@ def main() -> None:
     if "--debug" in args:
         DEBUG["argv"] = True
         args = [a for a in args if a != "--debug"]
-    app(args=args, prog_name="sara")
+    try:
+        app(args=args, prog_name="sara")
+    finally:
+        DEBUG["argv"] = False
 
 
 # -- analyze -------------------------------------------------------------------------------------

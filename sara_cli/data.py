@@ -12,14 +12,15 @@ from sara_cli import builtin
 from sara_cli.errors import SaraError
 
 # The LLM-Adapters training prompt (finetune.py, generate_prompt), whitespace included:
-# two spaces after the preamble, every later line indented by 16 spaces, and a line of 16
-# spaces between blocks.
+# every line after the preamble is indented by 16 spaces, with a line of 16 spaces between
+# blocks. Upstream's preambles end in two spaces (no input) and one space (with input): those
+# are what is left of a `# noqa: E501` that an earlier version had inside the string.
 INDENT = " " * 16
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.  \n\n")
 ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that "
                          "provides further context. Write a response that appropriately completes "
-                         "the request.  \n\n")
+                         "the request. \n\n")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -43,7 +44,8 @@ def required_fields(template: str) -> tuple[str, ...]:
     return ("instruction", "output")
 
 
-def load_records(reference: str, split: str = "train", limit: int | None = None):
+def load_records(reference: str, split: str = "train", limit: int | None = None,
+                 columns: dict[str, str] | None = None):
     """Load a dataset of records with `datasets`.
 
     Args:
@@ -65,16 +67,27 @@ def load_records(reference: str, split: str = "train", limit: int | None = None)
             if builder is None:
                 raise SaraError(f"data file {path} has an unsupported extension; use "
                                 ".json, .jsonl, .csv or .parquet")
+            if path.stat().st_size == 0:
+                raise SaraError(f"data file {path} is empty; it needs instruction records")
             dataset = load_dataset(builder, data_files=str(path), split="train")
         else:
             dataset = load_dataset(reference, split=split)
     except SaraError:
         raise
     except Exception as exc:
-        raise SaraError(f"could not load data '{reference}' ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); check the file or dataset id") from None
+        detail = (str(exc).splitlines() or [""])[0][:200]  # some errors (StopIteration) have no text
+        raise SaraError(f"could not load data '{reference}' ({type(exc).__name__}: {detail}); "
+                        "check the file or dataset id") from None
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    for field, column in (columns or {}).items():
+        if column not in dataset.column_names:
+            raise SaraError(f"data.columns maps {field} to '{column}', which {reference} does not have; "
+                            f"its columns are: {', '.join(dataset.column_names)}")
+        if field in dataset.column_names and field != column:
+            dataset = dataset.remove_columns(field)
+        if field != column:
+            dataset = dataset.rename_column(column, field)
     return dataset
 
 
@@ -98,6 +111,11 @@ def check_records(dataset, template: str, source: str) -> None:
                 raise SaraError(f"{source}: record {i} has no '{field}' field")
 
 
+def _text(value) -> str:
+    """A record field as text: None is empty; numbers (CSV columns, JSON answers) become strings."""
+    return "" if value is None else str(value)
+
+
 class Tokenize:
     """Turn one record into input_ids / attention_mask / labels, as LLM-Adapters does.
 
@@ -113,9 +131,7 @@ class Tokenize:
 
     def texts(self, record: dict) -> tuple[str, str]:
         """(prompt, prompt + completion) for a record."""
-        instruction = record.get("instruction") or ""
-        input_text = record.get("input") or ""
-        output = record.get("output") or ""
+        instruction, input_text, output = (_text(record.get(k)) for k in ("instruction", "input", "output"))
         if self.template == "alpaca":
             return alpaca_prompt(instruction, input_text), alpaca_prompt(instruction, input_text, output)
         if self.template == "plain":
@@ -155,11 +171,11 @@ def prepare(data_cfg, tokenizer, seed: int):
     Returns:
         (train_dataset, eval_dataset or None), both with input_ids/attention_mask/labels.
     """
-    train = load_records(data_cfg.train_file, data_cfg.train_split, data_cfg.limit)
+    train = load_records(data_cfg.train_file, data_cfg.train_split, data_cfg.limit, data_cfg.columns)
     check_records(train, data_cfg.template, data_cfg.train_file)
     evaluation = None
     if data_cfg.eval_file:
-        evaluation = load_records(data_cfg.eval_file)
+        evaluation = load_records(data_cfg.eval_file, columns=data_cfg.columns)
         check_records(evaluation, data_cfg.template, data_cfg.eval_file)
     elif data_cfg.val_set_size:
         size = data_cfg.val_set_size

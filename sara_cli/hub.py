@@ -20,8 +20,10 @@ CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 QUANTIZED_DTYPES = {"I8", "U8", "F8_E4M3", "F8_E5M2", "I4", "U4"}
 
 
-def resolve_model_dir(reference: str) -> Path:
+def resolve_model_dir(reference: str, revision: str | None = None) -> Path:
     """Local folder holding config.json and weights for `reference`.
+
+    `revision` (a branch, tag, commit or PR ref such as refs/pr/3) applies to hub ids.
 
     Raises:
         SaraError: not a folder, not a known hub id, or no network to fetch it.
@@ -39,7 +41,7 @@ def resolve_model_dir(reference: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(reference, allow_patterns=[
+        folder = snapshot_download(reference, revision=revision, allow_patterns=[
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
     except Exception as exc:  # hub errors have many types; the user needs one line
         raise SaraError(

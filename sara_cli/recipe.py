@@ -70,6 +70,8 @@ class DataSection(Section):
     train_file: str = Field(description="JSON/JSONL/CSV/Parquet file, builtin:NAME, or hub dataset id.")
     train_split: str = Field("train", description="Split of a hub dataset.")
     eval_file: Optional[str] = Field(None, description="Optional evaluation file.")
+    columns: dict[Literal["instruction", "input", "output"], str] = Field(
+        default_factory=dict, description="Rename dataset columns to instruction/input/output, e.g. {instruction: mr, output: ref}.")
     template: Literal["alpaca", "plain", "chat"] = Field("alpaca", description="Prompt template.")
     cutoff_len: int = Field(256, ge=8, description="Truncate examples to this many tokens.")
     train_on_inputs: bool = Field(True, description="False masks prompt tokens out of the loss.")
@@ -132,15 +134,33 @@ def _applicability(raw: dict) -> list[str]:
     method = adapter["method"]
     problems = []
     all_method_keys = set().union(*METHOD_DEFAULTS.values())
-    for key in adapter:
-        if key in all_method_keys and key not in METHOD_DEFAULTS[method]:
+    for key, value in adapter.items():
+        # null means unset, so a resolved recipe (every key, None where unused) loads again
+        if value is not None and key in all_method_keys and key not in METHOD_DEFAULTS[method]:
             users = [m for m, d in METHOD_DEFAULTS.items() if key in d]
             problems.append(f"adapter.{key}: does not apply to method '{method}' (it is a setting of "
                             f"{', '.join(users)}); remove it")
-    if method == "sara" and adapter.get("zero_init") == "up" and adapter.get("init_lambda", "zeros") == "zeros" \
-            and adapter.get("use_lambda", True):
+    # null takes the default, as validate() fills it in
+    init_lambda, use_lambda = adapter.get("init_lambda") or "zeros", adapter.get("use_lambda") is not False
+    if method == "sara" and adapter.get("zero_init") == "up" and init_lambda == "zeros" and use_lambda:
         problems.append("adapter.zero_init: 'up' with init_lambda 'zeros' can never train (U = 0 and "
                         "lambda = 0 make every gradient zero); set init_lambda: ones or zero_init: none")
+    return problems
+
+
+def _conflicts(raw: dict) -> list[str]:
+    """Pairs of settings where one would silently override or break the other."""
+    problems = []
+    data, train = raw.get("data"), raw.get("train")
+    if isinstance(data, dict) and data.get("eval_file") and data.get("val_set_size"):
+        problems.append(f"data.val_set_size: got {data['val_set_size']!r} together with data.eval_file; "
+                        "the eval file would replace the held-out split, so set only one")
+    if isinstance(train, dict):
+        if train.get("warmup_ratio") is not None and train.get("warmup_steps"):
+            problems.append(f"train.warmup_ratio: got {train['warmup_ratio']!r} together with warmup_steps "
+                            f"{train['warmup_steps']!r}; the ratio would win, so set only one")
+        if train.get("bf16") is True and train.get("fp16") is True:
+            problems.append("train.fp16: bf16 and fp16 are both true; choose one mixed precision")
     return problems
 
 
@@ -148,8 +168,10 @@ def _format_pydantic(error: ValidationError) -> list[str]:
     lines = []
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            section = str(err["loc"][0]) if len(err["loc"]) > 1 else None
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            lines.append(f"{loc}: unknown section{_suggest(loc, SECTIONS)}")
+        elif err["type"] == "extra_forbidden":
+            section = str(err["loc"][0])
             allowed = SECTIONS[section].model_fields if section in SECTIONS else SECTIONS
             lines.append(f"{loc}: unknown key{_suggest(str(err['loc'][-1]), allowed)}")
         elif err["type"] == "missing":
@@ -179,7 +201,7 @@ def validate(raw: Any, source: str = "recipe") -> Recipe:
     """Validate a raw recipe dict; every problem is reported in one SaraError."""
     if not isinstance(raw, dict):
         raise SaraError(f"{source}: a recipe is a YAML mapping with sections model, adapter, data, train")
-    problems = _applicability(raw)
+    problems = _applicability(raw) + _conflicts(raw)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -212,6 +234,8 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
         where = f" at line {mark.line + 1}" if mark else ""
         raise SaraError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     raw = raw if raw is not None else {}
+    if not isinstance(raw, dict):  # checked before overrides, which need a mapping
+        return validate(raw, str(path))
     for override in overrides or []:
         set_override(raw, override)
     return validate(raw, str(path))

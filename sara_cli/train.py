@@ -27,7 +27,10 @@ LOG_NAME = "trainer_log.jsonl"
 
 
 class Interrupted(SaraError):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint (not a user error)."""
+
     exit_code = 130
+    label = "stopped"
 
 
 def is_main_process() -> bool:

@@ -298,7 +298,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_adapter(re
     result = interrupt(recipe, output_dir, resume_setup["hook"], signal.SIGTERM)
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("stopped:")]
     assert len(lines) == 1 and "checkpoint saved" in lines[0] and "Rerun" in lines[0], result.stderr
     step = int(re.search(r"at step (\d+)", lines[0]).group(1))
     assert 3 <= step < RESUME_STEPS
