@@ -94,6 +94,7 @@ def singular_values(W: torch.Tensor, name: str = "matrix") -> torch.Tensor:
     Raises:
         ValueError: W holds NaN or inf.
     """
+    W = W.detach()
     _check_finite(W, name)
     G, _ = _gram(W)
     eig = torch.linalg.eigvalsh(G)  # ascending
@@ -128,6 +129,7 @@ def top_singular(W: torch.Tensor, k: int | None = None, tau: float | None = None
     """
     if (k is None) == (tau is None):
         raise ValueError("give exactly one of k and tau")
+    W = W.detach()
     _check_finite(W, name)
     W64 = W.to(torch.float64)
     G, left = _gram(W64)
@@ -161,6 +163,7 @@ def top_singular_lowrank(W: torch.Tensor, k: int, niter: int = 4, oversample: in
     Runs in float32 (float64 on the CPU) with a fixed seed so PiSSA/SORSA init is reproducible.
     `spectrum` holds only the k values found.
     """
+    W = W.detach()
     _check_finite(W, "matrix")
     dtype = torch.float32 if W.is_cuda else torch.float64
     A = W.to(dtype)
