@@ -233,6 +233,7 @@ def eval_command(
     if task == "loss":
         if data is None:
             raise SaraError("--task loss needs --data FILE (instruction records)")
+        evaluate.check_data_reference(data)
         loaded, tokenizer, description, config = evaluate.load_model(model)
         result = evaluate.mean_loss(loaded, tokenizer, data, config, batch_size, limit)
         console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "
@@ -241,7 +242,10 @@ def eval_command(
             from sara_cli.files import write_json
 
             write_json(json_path, result)
+            console.print(f"wrote {json_path}")
         return
+    if data is not None:
+        raise SaraError("--data goes with --task loss; for benchmarks name tasks or test files in --task")
     chosen = tasks.resolve_tasks(task)
     for t in chosen:  # fail on missing data before loading a model
         tasks.load_records(t, data_dir, 1)
@@ -254,7 +258,8 @@ def eval_command(
         for t in chosen:
             results.append(evaluate.evaluate_task(loaded, tokenizer, t, data_dir, protocol, batch_size,
                                                   limit, max_new_tokens, on_start, on_done))
-    out = out or Path("eval-results") / f"{Path(model).name or 'model'}-{protocol}"
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in (Path(model).name or "model"))
+    out = out or Path("eval-results") / f"{name}-{protocol}"
     summary = evaluate.write_results(out, results, protocol, description, time.perf_counter() - started)
     eval_table(console, results, summary, protocol)
     console.print(f"wrote {out}/summary.json and one <task>.jsonl per task")

@@ -62,7 +62,7 @@ def load_records(reference: str, split: str = "train", limit: int | None = None,
     try:
         if path.suffix in FILE_BUILDERS or path.exists():
             if not path.is_file():
-                raise SaraError(f"data file {reference} does not exist; check data.train_file / data.eval_file")
+                raise SaraError(f"data file {reference} does not exist; check the path")
             builder = FILE_BUILDERS.get(path.suffix)
             if builder is None:
                 raise SaraError(f"data file {path} has an unsupported extension; use "

@@ -60,7 +60,8 @@ def load_model(reference: str, device: str | None = None):
             adapter_dir = checkpoint.find_adapter_dir(path)
         except SaraError:
             raise SaraError(f"{path} is neither a model checkpoint (no config.json) nor a sara run "
-                            "(no adapter/sara_config.json); give a merged model, a run folder or a base model") from None
+                            "(no adapter/sara_config.json); give a merged model, a run folder or a "
+                            "base model") from None
         model, tokenizer, config = checkpoint.load_adapter_model(adapter_dir, device=device)
         return model, tokenizer, f"{config['method']} adapter {adapter_dir}", config
     model_dir = hub.resolve_model_dir(reference)
@@ -103,8 +104,9 @@ def generate(model, tokenizer, prompts: list[str], protocol: str, batch_size: in
     for group in groups:
         batch = tokenizer([prompts[i] for i in group], return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                 **settings)
+            # Only ids and mask: some tokenizers add token_type_ids, which generate() rejects.
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **settings)
         new = out[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
         generated += sum(_count_generated(new, eos))
         for row, i in enumerate(group):
@@ -159,6 +161,7 @@ def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int,
 
     from sara_cli.data import Tokenize, check_records, load_records
 
+    check_data_reference(data)
     settings = ((config or {}).get("recipe") or {}).get("data") or {}
     template = settings.get("template", "alpaca")
     records = load_records(data, limit=limit, columns=settings.get("columns"))
@@ -184,7 +187,30 @@ def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int,
     return {"data": data, "records": len(records), "tokens": tokens, "loss": loss, "perplexity": math.exp(loss)}
 
 
+def check_data_reference(data: str, flag: str = "--data") -> None:
+    """Fail early, naming the flag, when `data` names a local records file that is not there.
+
+    Raises:
+        SaraError: a .json/.jsonl/.csv/.parquet path that is not a file.
+    """
+    import datasets
+
+    from sara_cli.builtin import is_builtin
+    from sara_cli.data import FILE_BUILDERS
+
+    datasets.disable_progress_bars()  # the library's "Generating train split" bars, one per load
+    path = Path(data).expanduser()
+    if not is_builtin(data) and path.suffix.lower() in FILE_BUILDERS and not path.is_file():
+        raise SaraError(f"{flag} {data} does not exist; give a .json, .jsonl, .csv or .parquet file of "
+                        "instruction records, or builtin:mawps-quickstart")
+
+
 def check_options(protocol: str, batch_size: int, limit: int | None, max_new_tokens: int | None) -> None:
+    """Reject a bad `sara eval` option before anything loads.
+
+    Raises:
+        SaraError: an unknown protocol, or a batch size, limit or token budget below 1.
+    """
     if protocol not in PROTOCOLS:
         raise SaraError(f"--protocol must be fast or llm-adapters, got '{protocol}'")
     if batch_size < 1:

@@ -95,11 +95,19 @@ def route_map(path: Path, task_spec: str | None, data: str | None, limit: int | 
               modules: list[str] | None, tokens: str) -> RouteMap:
     """Run the Mo-SARA model over the examples and average its gates.
 
+    Args:
+        path: a run folder or its adapter folder.
+        task_spec: eval task names, comma-separated (exclusive with `data`).
+        data: a records file or builtin:NAME (exclusive with `task_spec`).
+        limit: first N examples per task; None for all.
+        data_dir: the LLM-Adapters `dataset/` folder for tasks; None reads the bundled copies.
+        modules: module types to keep (e.g. ["q_proj"]); None keeps every adapted module.
+        tokens: "prompt" (the eval prompt: the paper's first forward pass) or "all" (prompt + output).
+
     Raises:
-        SaraError: not a Mo-SARA adapter (names the method), unknown task, missing data, bad limit.
+        SaraError: not a Mo-SARA adapter (names the method), unknown task or module, missing
+            data, bad limit or tokens. All are checked before the model loads.
     """
-    from sara_cli import tasks
-    from sara_cli.data import load_records as load_data
     from sara_cli.gates import collect_gates
     from sara_cli.verify import device_for_inference
 
@@ -114,24 +122,41 @@ def route_map(path: Path, task_spec: str | None, data: str | None, limit: int | 
     if config["method"] != "mosara":
         raise SaraError(f"{adapter_dir} is a {config['method']} adapter; route-map needs a Mo-SARA "
                         "(method: mosara) run, whose router it maps")
-    sources: dict[str, list[dict]] = {}
-    if task_spec is not None:
-        for task in tasks.resolve_tasks(task_spec):
-            sources[task.name] = tasks.load_records(task, data_dir, limit)
-    else:
-        sources[Path(data).stem if ":" not in data else data.split(":", 1)[1]] = \
-            [dict(r) for r in load_data(data, limit=limit)]
+    adapted = sorted({name.split(".")[-1] for name in config.get("ranks") or config["targets"]})
+    unknown = [m for m in modules or [] if m not in adapted]
+    if unknown:
+        raise SaraError(f"--modules {','.join(unknown)}: no such Mo-SARA module; the adapter targets: "
+                        f"{', '.join(adapted)}")
+    sources = load_sources(task_spec, data, limit, data_dir)
     model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, device=device_for_inference())
     result = RouteMap(model=str(path), tokens=tokens, experts=int(config["options"]["num_experts"]))
     for name, records in sources.items():
-        if not records or "instruction" not in records[0]:
-            raise SaraError(f"{name}: records need an 'instruction' field")
         gates = collect_gates(model, tokenizer, texts_for(records, tokens))
         result.maps[name] = summarize(gates, modules)
-        if not result.maps[name]:
-            raise SaraError(f"--modules {','.join(modules or [])} matches no Mo-SARA module; "
-                            f"the adapter targets: {', '.join(sorted({m.split('.')[-1] for m in gates}))}")
     return result
+
+
+def load_sources(task_spec: str | None, data: str | None, limit: int | None,
+                 data_dir: Path | None) -> dict[str, list[dict]]:
+    """{task or data name: records with 'instruction'} for `--task` or `--data`.
+
+    Raises:
+        SaraError: unknown task, missing or empty data, records without 'instruction'.
+    """
+    from sara_cli import tasks
+    from sara_cli.data import load_records
+    from sara_cli.evaluate import check_data_reference
+
+    if task_spec is not None:
+        return {task.name: tasks.load_records(task, data_dir, limit) for task in tasks.resolve_tasks(task_spec)}
+    check_data_reference(data)
+    records = [dict(r) for r in load_records(data, limit=limit)]
+    if not records:
+        raise SaraError(f"--data {data} holds no records; it needs instruction records")
+    if "instruction" not in records[0]:
+        raise SaraError(f"--data {data}: records need an 'instruction' field (record 0 has: "
+                        f"{', '.join(records[0]) or 'nothing'})")
+    return {Path(data).stem if ":" not in data else data.split(":", 1)[1]: records}
 
 
 def write_outputs(result: RouteMap, out: Path) -> None:
@@ -162,8 +187,9 @@ def plot(result: RouteMap, path: Path) -> None:
     n_layers = max(len(m.layers) for _, _, m in panels)
     vmax = max(max(max(row) for row in m.mean_gate) for _, _, m in panels)
     height = 1.0 + 0.2 * n_layers
+    fig_height = 0.6 + height * n_tasks
     fig, axes = plt.subplots(n_tasks, n_modules, squeeze=False, dpi=120, layout="constrained",
-                             figsize=(1.2 + 1.9 * n_modules + 0.8, 0.6 + height * n_tasks))
+                             figsize=(1.2 + 1.9 * n_modules + 0.8, fig_height))
     image = None
     for i, (task, modules) in enumerate(result.maps.items()):
         for j in range(n_modules):
@@ -184,7 +210,9 @@ def plot(result: RouteMap, path: Path) -> None:
             if j == 0:
                 ax.set_ylabel(f"{task}\nlayer", fontsize=9)
     fig.suptitle(f"Mo-SARA mean gate per layer and expert ({result.tokens} tokens)", fontsize=10)
-    fig.colorbar(image, ax=axes, shrink=0.9, label="mean gate")
+    # matplotlib sizes a colour bar as length / aspect: fix its width near 0.15 in, or a tall
+    # figure (many layers or tasks) gets a bar wider than a panel.
+    fig.colorbar(image, ax=axes, shrink=0.9, aspect=max(10.0, 0.9 * fig_height / 0.15), label="mean gate")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)

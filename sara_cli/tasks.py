@@ -105,7 +105,7 @@ def _valid_names() -> str:
 
 
 def resolve_tasks(spec: str) -> list[Task]:
-    """Turn a `--tasks` value into tasks.
+    """Turn a `--task` value into tasks.
 
     Args:
         spec: comma-separated items. Each is a task name or LLM-Adapters folder name
@@ -121,7 +121,7 @@ def resolve_tasks(spec: str) -> list[Task]:
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise SaraError(f"--tasks is empty (received {spec!r}); give one or more of: {_valid_names()}.")
+        raise SaraError(f"--task is empty (received {spec!r}); give one or more of: {_valid_names()}.")
     tasks: list[Task] = []
     for item in items:
         task = _BY_KEY.get(item.lower())
@@ -327,7 +327,7 @@ def score_predictions(path: Path, task: Task) -> dict:
     """Score a saved predictions file (`sara eval --score`).
 
     Args:
-        path: a JSON list or JSONL file of records, each with `output` (the model's
+        path: a JSON list or JSONL file of records, each with `output` or `response` (the model's
             response) and `answer`.
         task: decides extraction and comparison.
 
@@ -343,14 +343,16 @@ def score_predictions(path: Path, task: Task) -> dict:
     records = _read_records(path)
     if not records:
         raise SaraError(f"Predictions file {path} has no records; it needs objects with 'output' and 'answer'.")
-    _check_fields(records, ("output", "answer"), path)
+    # Files written by `sara eval` call the model's text `response`; other tools say `output`.
+    field = "output" if "output" in records[0] or "response" not in records[0] else "response"
+    _check_fields(records, (field, "answer"), path)
     for index, record in enumerate(records):
-        if not isinstance(record["output"], str):
+        if not isinstance(record[field], str):
             raise SaraError(
-                f"{path} record {index}: 'output' must be a string (received {type(record['output']).__name__}); "
+                f"{path} record {index}: '{field}' must be a string (received {type(record[field]).__name__}); "
                 "store the model's response text."
             )
-    return score_outputs(task, [r["output"] for r in records], [r["answer"] for r in records])
+    return score_outputs(task, [r[field] for r in records], [r["answer"] for r in records])
 
 
 def _read_records(path: Path) -> list:

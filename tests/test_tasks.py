@@ -277,3 +277,15 @@ def test_scoring_real_commonsense_data(tmp_path, folder):
     records = json.loads((SHARED_DATA / "commonsense" / "test" / folder / "test.json").read_text())
     right = _write_predictions(tmp_path / "right.json", records, lambda a: f"the correct answer is {a}")
     assert score_predictions(right, resolve_tasks(folder)[0])["accuracy"] == 1.0
+
+
+def test_score_accepts_the_response_field_that_sara_eval_writes(tmp_path):
+    from sara_cli.tasks import resolve_tasks, score_predictions
+
+    path = tmp_path / "svamp.jsonl"
+    rows = [{"instruction": "q", "response": "so 3 + 4 = 7", "prediction": 7.0, "answer": "7", "correct": True},
+            {"instruction": "q", "response": "it is 8", "prediction": 8.0, "answer": "9", "correct": False}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (task,) = resolve_tasks("svamp")
+    result = score_predictions(path, task)
+    assert (result["n"], result["correct"]) == (2, 1)
