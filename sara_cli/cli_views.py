@@ -171,22 +171,25 @@ SHOWN_LOGS = ("loss", "eval_loss", "learning_rate", "grad_norm", "train_loss", "
 
 def merge_report(console: Console, report) -> None:
     v = report.verification
-    console.print(f"merged {report.tensors_merged} tensors ({report.method}) into {report.out} "
-                  f"[{report.shards} shard{'s' if report.shards != 1 else ''}] in {report.seconds:.1f} s, "
-                  f"peak host memory {report.peak_memory_mb:,.0f} MB", highlight=False)
+    what = (f"exported {report.tensors_merged} modules ({report.method}) as a PEFT LoRA adapter to {report.out}"
+            if report.format == "peft-lora" else
+            f"merged {report.tensors_merged} tensors ({report.method}) into {report.out} "
+            f"[{report.shards} shard{'s' if report.shards != 1 else ''}]")
+    console.print(f"{what} in {report.seconds:.1f} s, peak host memory {report.peak_memory_mb:,.0f} MB",
+                  highlight=False, markup=False)
     if not v:
         return
     line = (f"verification ({v['dtype']}): max |logit diff| {v['max_abs_logit_diff']:.3g}, "
             f"greedy agreement {v['greedy_agreement']:.2%} over {v['tokens']} tokens")
     if "calibration_loss_change" in v:
         line += (f"; calibration loss routed {v['calibration_loss_routed']:.4f} -> merged "
-                 f"{v['calibration_loss_merged']:.4f} ({v['calibration_loss_change']:+.4f})")
-        console.print(line + " [mean routing: an approximation]", highlight=False)
-    else:
-        console.print(line + (" [passed]" if v.get("passed") else ""), highlight=False)
+                 f"{v['calibration_loss_merged']:.4f} ({v['calibration_loss_change']:+.4f})"
+                 " [mean routing: an approximation]")
+    elif v.get("passed"):
+        line += " [passed]"
+    console.print(line, highlight=False, markup=False)
 
 
-@contextmanager
 def eval_progress(console: Console):
     """A progress bar per task; yields (on_start(task, total), on_done(n)) callbacks."""
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -8,7 +8,8 @@ from pathlib import Path
 from sara_cli import __version__
 
 
-def write_peft_lora(folder: Path, updates: dict, mapping: dict, base_ref: str, fan_in_fan_out: bool) -> None:
+def write_peft_lora(folder: Path, updates: dict, mapping: dict, base_ref: str, fan_in_fan_out: bool,
+                    revision: str | None = None) -> None:
     """A standard PEFT LoRA adapter holding delta W = B A per module, scale 1.
 
     Each module keeps its own rank through `rank_pattern`, and `alpha_pattern` sets alpha = r so
@@ -28,7 +29,7 @@ def write_peft_lora(folder: Path, updates: dict, mapping: dict, base_ref: str, f
     ranks = sorted(rank_pattern.values())
     default = ranks[len(ranks) // 2]
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref, "revision": revision,
         "r": default, "lora_alpha": default, "lora_dropout": 0.0, "bias": "none",
         "target_modules": sorted({m.split(".")[-1] for m in rank_pattern}),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
@@ -39,10 +40,13 @@ def write_peft_lora(folder: Path, updates: dict, mapping: dict, base_ref: str, f
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _figures(report) -> list[str]:
+def _figures(report, fmt: str) -> list[str]:
     v = report.verification
+    if fmt == "peft-lora":
+        return ["- a PEFT export holds no merged weights to verify; load it with "
+                "`peft.PeftModel.from_pretrained(base, folder)`"]
     if not v:
-        return ["- not verified (`--no-verify`)" if report.shards else "- (PEFT export: no merged weights)"]
+        return ["- not verified (`--no-verify`)"]
     lines = [f"- dtype: {v['dtype']}",
              f"- largest absolute logit difference: {v['max_abs_logit_diff']:.3g} over {v['tokens']} tokens",
              f"- greedy next-token agreement: {v['greedy_agreement']:.2%}"]
@@ -70,7 +74,7 @@ def model_card(config: dict, base_ref: str, fmt: str, report, calibration: str |
         lines += ["## Routing", "",
                   "Mo-SARA routes every token separately; this checkpoint uses each layer's mean gate "
                   f"over the calibration data ({calibration}), so it approximates the routed model.", ""]
-    lines += ["## Verification", "", *_figures(report), ""]
+    lines += ["## Verification", "", *_figures(report, fmt), ""]
     recipe = config.get("recipe")
     if recipe:
         lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]

@@ -15,6 +15,7 @@ Per method, the update against the ORIGINAL base W, as low-rank factors delta W 
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import time
@@ -42,6 +43,7 @@ HALF_PRECISION_TOLERANCE = 0.10
 class MergeReport:
     out: Path
     method: str
+    format: str = "hf"
     tensors_merged: int = 0
     shards: int = 0
     seconds: float = 0.0
@@ -149,6 +151,10 @@ class ShardWriter:
         self.pending_bytes += size
         self.total += size
 
+    def names(self) -> list[str]:
+        """Every tensor name added so far."""
+        return [n for _, names in self.files for n in names] + list(self.pending)
+
     def flush(self) -> None:
         from safetensors.torch import save_file
 
@@ -201,7 +207,12 @@ def stream_merge(base_dir: Path, staging: Path, updates: dict, out_dtype, transp
                 if name in updates:
                     B, A, scale = updates[name]
                     delta = (B @ A) * scale  # (out, in), float32
-                    W = tensor.to(torch.float32) + (delta.T if transposed else delta)
+                    delta = delta.T if transposed else delta  # as stored: Conv1D keeps (in, out)
+                    if tuple(delta.shape) != tuple(tensor.shape):
+                        raise SaraError(f"the adapter's update for {name} has shape {tuple(delta.shape)} but "
+                                        f"the base tensor has {tuple(tensor.shape)}; the adapter belongs "
+                                        "to another model")
+                    W = tensor.to(torch.float32) + delta
                     if not bool(torch.isfinite(W).all()):
                         raise SaraError(f"merging {name} produced NaN or inf; the adapter is broken")
                     tensor = W.to(target_dtype)
@@ -209,6 +220,10 @@ def stream_merge(base_dir: Path, staging: Path, updates: dict, out_dtype, transp
                 elif tensor.dtype != target_dtype:
                     tensor = tensor.to(target_dtype)
                 writer.add(name, tensor)
+    if merged != len(updates):
+        missing = sorted(set(updates) - set(writer.names()))
+        raise SaraError(f"{len(missing)} adapter targets were not found in the base weights "
+                        f"(first: {missing[0]}); is --base the model the adapter was trained on?")
     return merged, writer.finish()
 
 
@@ -227,13 +242,22 @@ def copy_base_files(base_dir: Path, staging: Path, dtype_name: str | None) -> No
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def stored_dtype(base_dir: Path) -> str:
+    """The dtype of the first floating tensor on disk, for configs that do not name one."""
+    names = {v: k for k, v in DTYPES.items()}
+    for _, entry in hub.tensor_index(base_dir).values():
+        if entry["dtype"] in names:
+            return names[entry["dtype"]]
+    return "float32"
+
+
 def output_dtype(choice: str, base_dir: Path):
     """(torch dtype or None to keep, config name) for --dtype."""
     import torch
 
     if choice == "auto":
         config = hub.load_config(base_dir)
-        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        name = config.get("dtype") or config.get("torch_dtype") or stored_dtype(base_dir)
         return None, name
     if choice not in DTYPES:
         raise SaraError(f"--dtype must be auto, bfloat16, float16 or float32, got '{choice}'")
@@ -285,6 +309,73 @@ def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str
     return mean_gates, routed, routed_calibration, calibration_texts
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Fail before any work when --out cannot be created (the write itself is checked again)."""
+    if out.exists() and not out.is_dir():
+        raise SaraError(f"--out {out} is a file; give a folder path")
+    if out.exists() and not overwrite:
+        raise SaraError(f"--out {out} already exists; choose another folder or pass --overwrite "
+                        "(the old folder is replaced only once the new one is complete)")
+    for ancestor in out.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise SaraError(f"cannot write --out {out}: {ancestor} is a file, not a folder")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise SaraError(f"cannot write --out {out}: no permission to create folders in {ancestor}")
+            return
+
+
+def check_options(method: str, routing: str, calibration: str | None, fmt: str, dtype: str) -> None:
+    """The option combinations `merge` accepts for an adapter of `method`."""
+    if routing not in ("refuse", "mean"):
+        raise SaraError(f"--routing must be refuse or mean, got '{routing}'")
+    if fmt not in ("hf", "peft-lora"):
+        raise SaraError(f"--format must be hf or peft-lora, got '{fmt}'")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise SaraError(f"--dtype must be auto, bfloat16, float16 or float32, got '{dtype}'")
+    if dtype != "auto" and fmt == "peft-lora":
+        raise SaraError(f"--dtype {dtype} does not apply to --format peft-lora (the adapter tensors "
+                        "are always float32); drop --dtype")
+    if method != "mosara":
+        if routing != "refuse" or calibration:
+            raise SaraError(f"--routing and --calibration apply to Mo-SARA adapters only; this is a "
+                            f"{method} adapter, whose merge is exact: drop them")
+        return
+    if routing == "refuse":
+        raise SaraError("Mo-SARA routes every token to its own mix of singular values, so no single "
+                        "weight matrix reproduces it exactly; to merge anyway with each layer's "
+                        "average routing, pass --routing mean --calibration DATA")
+    if not calibration:
+        raise SaraError("--routing mean needs --calibration DATA (instruction records to average the gates over)")
+    from sara_cli.builtin import is_builtin
+
+    if not is_builtin(calibration) and not Path(calibration).expanduser().is_file():
+        raise SaraError(f"calibration file {calibration} does not exist; give a JSON/JSONL/CSV/Parquet "
+                        "file of instruction records or builtin:mawps-quickstart")
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory: VmHWM on Linux (ru_maxrss can report a parent's
+    size for a child started from a large process), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def publish_permissions(folder: Path) -> None:
+    """Give the staging folder (mkdtemp: 0700) and its files (0600) the usual umask modes, so a
+    server running as another user can read the checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
 def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", max_shard_size: str = "5GB",
           verify: bool = True, routing: str = "refuse", calibration: str | None = None,
           fmt: str = "hf", force: bool = False, overwrite: bool = False) -> MergeReport:
@@ -293,29 +384,21 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
     Raises:
         SaraError: no adapter, base mismatch, quantized base, Mo-SARA without --routing mean,
             missing calibration data, a failed verification, or a write error. Nothing is
-            left at `out` in any of these cases.
+            left at `out` in any of these cases (with --overwrite, the old `out` stays).
     """
+    from safetensors import SafetensorError
+
     started = time.perf_counter()
+    out = Path(out)
     adapter_dir = checkpoint.find_adapter_dir(path)
     config = checkpoint.read_config(adapter_dir)
     method = config["method"]
-    if routing not in ("refuse", "mean"):
-        raise SaraError(f"--routing must be refuse or mean, got '{routing}'")
-    if fmt not in ("hf", "peft-lora"):
-        raise SaraError(f"--format must be hf or peft-lora, got '{fmt}'")
-    if method == "mosara" and routing == "refuse":
-        raise SaraError("Mo-SARA routes every token to its own mix of singular values, so no single "
-                        "weight matrix reproduces it exactly; to merge anyway with each layer's "
-                        "average routing, pass --routing mean --calibration DATA")
-    if method == "mosara" and not calibration:
-        raise SaraError("--routing mean needs --calibration DATA (instruction records to average the gates over)")
-    if calibration:
-        from sara_cli.builtin import is_builtin
-
-        if not is_builtin(calibration) and not Path(calibration).is_file():
-            raise SaraError(f"calibration file {calibration} does not exist")
+    check_options(method, routing, calibration, fmt, dtype)
+    max_bytes = parse_size(max_shard_size)
+    check_out(out, overwrite)
     base_ref = base or config["base_model"]["name_or_path"]
-    base_dir = hub.resolve_model_dir(base_ref)
+    revision = None if base else config["base_model"].get("revision")
+    base_dir = hub.resolve_model_dir(base_ref, revision)
     base_config = hub.load_config(base_dir)
     hub.check_not_quantized(base_dir, base_config)
     recorded = config["base_model"].get("fingerprint")
@@ -324,14 +407,13 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
                         f"({config['base_model']['name_or_path']}, fingerprint {recorded}); pass --force "
                         "to merge anyway")
     out_dtype, dtype_name = output_dtype(dtype, base_dir)
-    max_bytes = parse_size(max_shard_size)
-    report = MergeReport(out=Path(out), method=method)
+    report = MergeReport(out=out, method=method, format=fmt)
 
     texts = verification_texts(config)
     mean_gates, routed, routed_calibration, calibration_texts = {}, None, None, []
     if method == "mosara":
         mean_gates, routed, routed_calibration, calibration_texts = mean_routing(
-            adapter_dir, base_ref, dtype_name, calibration, config, texts)
+            adapter_dir, str(base_dir), dtype_name, calibration, config, texts)
 
     modules = list(config["ranks"])
     tensors = grouped_tensors(adapter_dir, modules)
@@ -339,28 +421,35 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
     updates = {name: factors(method, config["options"], tensors[module], mean_gates.get(module))
                for name, module in mapping.items()}
 
-    with atomic_dir(out, overwrite=overwrite) as staging:
-        if fmt == "peft-lora":
-            from sara_cli.export import write_peft_lora
+    try:
+        with atomic_dir(out, overwrite=overwrite) as staging:
+            if fmt == "peft-lora":
+                from sara_cli.builtin import is_builtin
+                from sara_cli.export import write_peft_lora
 
-            from sara_cli.builtin import is_builtin
+                # PEFT resolves the base by name; a built-in model is named by its local folder.
+                peft_base = str(base_dir) if is_builtin(base_ref) else base_ref
+                write_peft_lora(staging, updates, mapping, peft_base, hub.is_conv1d_checkpoint(base_config),
+                                revision)
+                report.tensors_merged, report.shards = len(updates), 1  # adapter_model.safetensors
+            else:
+                report.tensors_merged, report.shards = stream_merge(
+                    base_dir, staging, updates, out_dtype, hub.is_conv1d_checkpoint(base_config), max_bytes)
+                copy_base_files(base_dir, staging, dtype_name if out_dtype is not None else None)
+                if verify:
+                    # The adapter model is built on the very files that were merged (base_dir).
+                    report.verification = check_merged(adapter_dir, str(base_dir), staging, dtype_name, texts,
+                                                       routed, routed_calibration, calibration_texts)
+            report.peak_memory_mb = peak_memory_mb()
+            report.seconds = time.perf_counter() - started
+            from sara_cli.export import model_card
 
-            # PEFT resolves the base by name; a built-in model is named by its local folder.
-            peft_base = str(base_dir) if is_builtin(base_ref) else base_ref
-            write_peft_lora(staging, updates, mapping, peft_base, hub.is_conv1d_checkpoint(base_config))
-            report.tensors_merged, report.shards = len(updates), 1
-        else:
-            report.tensors_merged, report.shards = stream_merge(
-                base_dir, staging, updates, out_dtype, hub.is_conv1d_checkpoint(base_config), max_bytes)
-            copy_base_files(base_dir, staging, dtype_name if out_dtype is not None else None)
-            if verify:
-                report.verification = check_merged(adapter_dir, base_ref, staging, dtype_name, texts,
-                                                   routed, routed_calibration, calibration_texts)
-        report.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        report.seconds = time.perf_counter() - started
-        from sara_cli.export import model_card
-
-        (staging / "README.md").write_text(model_card(config, base_ref, fmt, report, calibration))
+            (staging / "README.md").write_text(model_card(config, base_ref, fmt, report, calibration))
+            publish_permissions(staging)
+    except (OSError, SafetensorError) as exc:  # disk full, permissions, a vanished folder
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise SaraError(f"writing {out} failed: {reason}; nothing was written there. Check free "
+                        "space and permissions") from None
     return report
 
 
