@@ -190,6 +190,7 @@ def merge_report(console: Console, report) -> None:
     console.print(line, highlight=False, markup=False)
 
 
+@contextmanager
 def eval_progress(console: Console):
     """A progress bar per task; yields (on_start(task, total), on_done(n)) callbacks."""
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

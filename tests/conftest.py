@@ -68,3 +68,15 @@ def llama_dir(tmp_path_factory) -> Path:
 def gpt2_dir(tmp_path_factory) -> Path:
     """A tiny GPT-2 checkpoint (Conv1D layers) in a temporary folder."""
     return _save(tiny_gpt2(), tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def one_line_error(result, *fragments):
+    """A CLI result is a user error: non-zero exit, one `error:` line holding `fragments`, no traceback."""
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from conftest import one_line_error
 import torch
 from typer.testing import CliRunner
 
@@ -328,17 +330,6 @@ def test_score_reproduces_llm_adapters_on_real_math_rationales(tmp_path, folder,
 
 
 # -- bad input -------------------------------------------------------------------------------------
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_unknown_task_lists_valid_ones(llama_dir):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ASSETS, tiny_llama
+from conftest import ASSETS, one_line_error, tiny_llama
 from sara_cli.cli import app
 
 EXPERTS = 5
@@ -256,17 +256,6 @@ def test_hand_set_router_makes_expert_2_dominate(tmp_path):
 
 
 # -- bad input -------------------------------------------------------------------------------------
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_an_adapter_that_is_not_mosara_is_named(llama_dir, tmp_path):
