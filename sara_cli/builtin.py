@@ -7,6 +7,7 @@ first use into a cache folder and is an ordinary Hugging Face checkpoint from th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -49,7 +50,12 @@ def model_path(reference: str) -> Path:
     name = _name(reference, MODELS, "model")
     from sara_cli import __version__
 
-    target = cache_dir() / "models" / f"{name}-v{__version__}-seed{MODEL_SEED}"
+    # The folder name carries a hash of the shipped config and tokenizer, so a changed asset
+    # never reuses a stale build.
+    digest = hashlib.sha256()
+    for path in sorted(MODELS[name].iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    target = cache_dir() / "models" / f"{name}-v{__version__}-seed{MODEL_SEED}-{digest.hexdigest()[:10]}"
     if (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
