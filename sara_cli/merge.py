@@ -25,18 +25,12 @@ from pathlib import Path
 from sara_cli import checkpoint, hub
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir
+from sara_cli.verify import check_merged, mean_routing, verification_texts
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 BASE_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
 SKIPPED_FILES = {"config.json", "model.safetensors.index.json", checkpoint.CONFIG_NAME,
                  "adapter_config.json"}
-VERIFY_TEXT = ["The quick brown fox jumps over the lazy dog.",
-               "Question: what is 12 plus 30? Answer: 42.",
-               "Below is an instruction that describes a task. Write a response that appropriately "
-               "completes the request."]
-# bf16/fp16: rounding moves logits by a fraction of a percent per layer; a broken merge moves them
-# by their own size. Fail only past 10% of the logits' spread (see docs/merge.md).
-HALF_PRECISION_TOLERANCE = 0.10
 
 
 @dataclass
@@ -266,49 +260,6 @@ def output_dtype(choice: str, base_dir: Path):
 
 # -- the command -----------------------------------------------------------------------------------
 
-def verification_texts(config: dict, limit: int = 4) -> list[str]:
-    """A few of the run's own training texts when the data is at hand, else built-in text."""
-    from sara_cli.data import Tokenize, load_records
-
-    recipe = config.get("recipe") or {}
-    data = recipe.get("data") or {}
-    try:
-        records = load_records(data["train_file"], data.get("train_split", "train"), limit,
-                               data.get("columns"))
-
-        class _NoTokenizer:  # only the text formatting of Tokenize is used
-            chat_template = None
-
-        formatter = Tokenize(_NoTokenizer(), data.get("template", "alpaca"), 0, True)
-        texts = [formatter.texts(dict(r))[1] for r in records]
-        return texts or VERIFY_TEXT
-    except Exception:  # the data may be gone or on another machine; the check still runs
-        return VERIFY_TEXT
-
-
-def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str, config: dict,
-                 texts: list[str]):
-    """Mean gate per Mo-SARA layer over the calibration data, and the routed model's outputs.
-
-    Returns ({module: (m,) mean gate}, routed outputs on `texts`, routed outputs on calibration).
-    """
-    from sara_cli.data import Tokenize, load_records
-    from sara_cli.gates import collect_gates
-    from sara_cli.verify import device_for_inference, free, run_model
-
-    records = load_records(calibration, limit=256)
-    template = (config.get("recipe") or {}).get("data", {}).get("template", "alpaca")
-    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
-    formatter = Tokenize(tokenizer, template, 0, True)
-    calibration_texts = [formatter.texts(dict(r))[1] for r in records]
-    gates = collect_gates(model, tokenizer, calibration_texts)
-    mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
-    routed = run_model(model, tokenizer, texts)
-    routed_calibration = run_model(model, tokenizer, calibration_texts)
-    free(model)
-    return mean_gates, routed, routed_calibration, calibration_texts
-
-
 def check_out(out: Path, overwrite: bool) -> None:
     """Fail before any work when --out cannot be created (the write itself is checked again)."""
     if out.exists() and not out.is_dir():
@@ -451,48 +402,3 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
         raise SaraError(f"writing {out} failed: {reason}; nothing was written there. Check free "
                         "space and permissions") from None
     return report
-
-
-def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: str, texts: list[str],
-                 routed=None, routed_calibration=None, calibration_texts=()) -> dict:
-    """Run the adapter model and the merged checkpoint on `texts`; fail on a real mismatch.
-
-    float32: at most 1e-4 logit difference and 100% greedy agreement. bf16/fp16: fail only past
-    HALF_PRECISION_TOLERANCE of the logit spread. Mo-SARA (routed is given): report only.
-    """
-    import torch
-
-    from sara_cli.verify import compare, device_for_inference, free, load_merged, load_tokenizer, run_model
-
-    merged = load_merged(staging, dtype_name)
-    tokenizer = load_tokenizer(staging)
-    for name, p in merged.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise SaraError(f"merged tensor {name} holds NaN or inf; the adapter is broken")
-    merged_out = run_model(merged, tokenizer, texts)
-    merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
-    free(merged)
-    if routed is None:
-        model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
-        routed = run_model(model, tokenizer, texts)
-        free(model)
-    figures = compare(routed, merged_out)
-    figures["dtype"] = dtype_name
-    if merged_calibration is not None:
-        figures["calibration_loss_routed"] = routed_calibration.loss
-        figures["calibration_loss_merged"] = merged_calibration.loss
-        figures["calibration_loss_change"] = merged_calibration.loss - routed_calibration.loss
-        figures["exact"] = False
-        return figures
-    if dtype_name == "float32":
-        ok = figures["max_abs_logit_diff"] <= 1e-4 and figures["greedy_agreement"] == 1.0
-        limit = "1e-4 and 100% agreement"
-    else:
-        ok = figures["max_abs_logit_diff"] <= HALF_PRECISION_TOLERANCE * max(figures["logit_spread"], 1e-6)
-        limit = f"{HALF_PRECISION_TOLERANCE:.0%} of the logit spread"
-    figures["passed"] = ok
-    if not ok:
-        raise SaraError(f"verification failed: merged logits differ from the adapter model's by "
-                        f"{figures['max_abs_logit_diff']:.3g} (limit {limit}), greedy agreement "
-                        f"{figures['greedy_agreement']:.1%}; nothing was written")
-    return figures

@@ -8,6 +8,18 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from pathlib import Path
+
+from sara_cli import checkpoint
+from sara_cli.errors import SaraError
+
+VERIFY_TEXT = ["The quick brown fox jumps over the lazy dog.",
+               "Question: what is 12 plus 30? Answer: 42.",
+               "Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request."]
+# bf16/fp16: rounding moves logits by a fraction of a percent per layer; a broken merge moves them
+# by their own size. Fail only past 10% of the logits' spread (see docs/merge.md).
+HALF_PRECISION_TOLERANCE = 0.10
 
 
 @dataclass
@@ -49,8 +61,6 @@ def run_model(model, tokenizer, texts: list[str], batch_size: int = 4, max_lengt
 
 def compare(reference: Outputs, candidate: Outputs) -> dict:
     """max |logit difference|, greedy agreement, loss of each and the change."""
-    import torch
-
     max_diff, agree, total, spread = 0.0, 0, 0, 0.0
     for ref, cand, mask in zip(reference.logits, candidate.logits, reference.masks):
         ref_real, cand_real = ref[mask], cand[mask]  # (N, V)
@@ -90,3 +100,90 @@ def load_tokenizer(folder):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+# -- the merge's checks ------------------------------------------------------------------------
+
+def verification_texts(config: dict, limit: int = 4) -> list[str]:
+    """A few of the run's own training texts when the data is at hand, else built-in text."""
+    from sara_cli.data import Tokenize, load_records
+
+    recipe = config.get("recipe") or {}
+    data = recipe.get("data") or {}
+    try:
+        records = load_records(data["train_file"], data.get("train_split", "train"), limit,
+                               data.get("columns"))
+
+        class _NoTokenizer:  # only the text formatting of Tokenize is used
+            chat_template = None
+
+        formatter = Tokenize(_NoTokenizer(), data.get("template", "alpaca"), 0, True)
+        texts = [formatter.texts(dict(r))[1] for r in records]
+        return texts or VERIFY_TEXT
+    except Exception:  # the data may be gone or on another machine; the check still runs
+        return VERIFY_TEXT
+
+
+def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str, config: dict,
+                 texts: list[str]):
+    """Mean gate per Mo-SARA layer over the calibration data, and the routed model's outputs.
+
+    Returns ({module: (m,) mean gate}, routed outputs on `texts`, routed outputs on calibration).
+    """
+    from sara_cli.data import Tokenize, load_records
+    from sara_cli.gates import collect_gates
+
+    records = load_records(calibration, limit=256)
+    template = (config.get("recipe") or {}).get("data", {}).get("template", "alpaca")
+    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
+    formatter = Tokenize(tokenizer, template, 0, True)
+    calibration_texts = [formatter.texts(dict(r))[1] for r in records]
+    gates = collect_gates(model, tokenizer, calibration_texts)
+    mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
+    routed = run_model(model, tokenizer, texts)
+    routed_calibration = run_model(model, tokenizer, calibration_texts)
+    free(model)
+    return mean_gates, routed, routed_calibration, calibration_texts
+
+
+def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: str, texts: list[str],
+                 routed=None, routed_calibration=None, calibration_texts=()) -> dict:
+    """Run the adapter model and the merged checkpoint on `texts`; fail on a real mismatch.
+
+    float32: at most 1e-4 logit difference and 100% greedy agreement. bf16/fp16: fail only past
+    HALF_PRECISION_TOLERANCE of the logit spread. Mo-SARA (routed is given): report only.
+    """
+    import torch
+
+    merged = load_merged(staging, dtype_name)
+    tokenizer = load_tokenizer(staging)
+    for name, p in merged.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise SaraError(f"merged tensor {name} holds NaN or inf; the adapter is broken")
+    merged_out = run_model(merged, tokenizer, texts)
+    merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
+    free(merged)
+    if routed is None:
+        model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
+        routed = run_model(model, tokenizer, texts)
+        free(model)
+    figures = compare(routed, merged_out)
+    figures["dtype"] = dtype_name
+    if merged_calibration is not None:
+        figures["calibration_loss_routed"] = routed_calibration.loss
+        figures["calibration_loss_merged"] = merged_calibration.loss
+        figures["calibration_loss_change"] = merged_calibration.loss - routed_calibration.loss
+        figures["exact"] = False
+        return figures
+    if dtype_name == "float32":
+        ok = figures["max_abs_logit_diff"] <= 1e-4 and figures["greedy_agreement"] == 1.0
+        limit = "1e-4 and 100% agreement"
+    else:
+        ok = figures["max_abs_logit_diff"] <= HALF_PRECISION_TOLERANCE * max(figures["logit_spread"], 1e-6)
+        limit = f"{HALF_PRECISION_TOLERANCE:.0%} of the logit spread"
+    figures["passed"] = ok
+    if not ok:
+        raise SaraError(f"verification failed: merged logits differ from the adapter model's by "
+                        f"{figures['max_abs_logit_diff']:.3g} (limit {limit}), greedy agreement "
+                        f"{figures['greedy_agreement']:.1%}; nothing was written")
+    return figures

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from sara_cli import __version__, checkpoint
 from sara_cli import merge as merge_module
+from sara_cli import verify as verify_module
 from sara_cli.cli import app
 from sara_cli.errors import SaraError
 
@@ -547,7 +548,7 @@ def test_bfloat16_output(special, plain, llama_dir, runs, work):
     assert dtype == "torch.bfloat16"
     reference = adapter_logits(runs["sara"], token_ids(llama_dir, work))
     spread = reference.max() - reference.min()
-    assert np.abs(logits - reference).max() <= merge_module.HALF_PRECISION_TOLERANCE * spread
+    assert np.abs(logits - reference).max() <= verify_module.HALF_PRECISION_TOLERANCE * spread
 
 
 def test_small_shards_with_index(special, plain, llama_dir, runs, work):
