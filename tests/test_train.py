@@ -26,7 +26,7 @@ import yaml
 from typer.testing import CliRunner
 
 import sara_cli
-from sara_cli import checkpoint, hub
+from sara_cli import checkpoint, hub, rundir
 from sara_cli import train as train_module
 from sara_cli.adapters import SorsaLayer
 from sara_cli.cli import app
@@ -101,7 +101,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 def loss_records(output_dir: Path) -> list[dict]:
-    lines = (output_dir / train_module.LOG_NAME).read_text().splitlines()
+    lines = (output_dir / rundir.LOG_NAME).read_text().splitlines()
     return [r for r in map(json.loads, filter(str.strip, lines)) if "loss" in r]
 
 
@@ -258,7 +258,7 @@ def wait_until(condition, process: subprocess.Popen, timeout: float = 90) -> Non
 
 def logged_step(output_dir: Path) -> int:
     try:
-        lines = (output_dir / train_module.LOG_NAME).read_text().splitlines()
+        lines = (output_dir / rundir.LOG_NAME).read_text().splitlines()
     except FileNotFoundError:
         return 0
     steps = [0]
@@ -302,8 +302,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_adapter(re
     assert len(lines) == 1 and "checkpoint saved" in lines[0] and "Rerun" in lines[0], result.stderr
     step = int(re.search(r"at step (\d+)", lines[0]).group(1))
     assert 3 <= step < RESUME_STEPS
-    assert train_module.complete_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"
-    assert not (output_dir / "adapter").exists() and not (output_dir / train_module.STAGING).exists()
+    assert rundir.complete_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"
+    assert not (output_dir / "adapter").exists() and not (output_dir / rundir.STAGING).exists()
     resume_and_compare(recipe, output_dir, resume_setup, f"checkpoint-{step}")
 
 
@@ -312,7 +312,7 @@ def test_sigkill_then_rerun_resumes_from_the_last_complete_checkpoint(resume_set
     output_dir = Path(load_recipe(recipe).train.output_dir)
     result = interrupt(recipe, output_dir, resume_setup["hook"], signal.SIGKILL)
     assert result.returncode == -signal.SIGKILL
-    newest = train_module.complete_checkpoints(output_dir)[-1]
+    newest = rundir.complete_checkpoints(output_dir)[-1]
     assert int(newest.name.split("-")[1]) >= 2
     resume_and_compare(recipe, output_dir, resume_setup, newest.name)
 
