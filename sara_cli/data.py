@@ -165,11 +165,11 @@ class Tokenize:
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def prepare(data_cfg, tokenizer, seed: int):
-    """Load, check and tokenize the train (and eval) sets of a recipe's data section.
+def load_split(data_cfg, seed: int):
+    """Load and check the train (and eval) records of a recipe's data section, untokenized.
 
-    Returns:
-        (train_dataset, eval_dataset or None), both with input_ids/attention_mask/labels.
+    Cheap next to loading a model, so `sara train` calls it first and bad data fails fast.
+    Returns (train records, eval records or None).
     """
     train = load_records(data_cfg.train_file, data_cfg.train_split, data_cfg.limit, data_cfg.columns)
     check_records(train, data_cfg.template, data_cfg.train_file)
@@ -184,10 +184,24 @@ def prepare(data_cfg, tokenizer, seed: int):
                             f"({len(train)} in all); lower it")
         split = train.train_test_split(test_size=size, shuffle=True, seed=seed)
         train, evaluation = split["train"], split["test"]
+    return train, evaluation
+
+
+def tokenize_split(train, evaluation, data_cfg, tokenizer):
+    """Tokenize records from `load_split` into input_ids / attention_mask / labels."""
     tokenize = Tokenize(tokenizer, data_cfg.template, data_cfg.cutoff_len, data_cfg.train_on_inputs)
-    columns = train.column_names
-    train = train.map(tokenize, remove_columns=columns, desc="tokenize", keep_in_memory=True)
+    train = train.map(tokenize, remove_columns=train.column_names, desc="tokenize", keep_in_memory=True)
     if evaluation is not None:
         evaluation = evaluation.map(tokenize, remove_columns=evaluation.column_names,
                                     desc="tokenize eval", keep_in_memory=True)
     return train, evaluation
+
+
+def prepare(data_cfg, tokenizer, seed: int):
+    """Load, check and tokenize the train (and eval) sets of a recipe's data section.
+
+    Returns:
+        (train_dataset, eval_dataset or None), both with input_ids/attention_mask/labels.
+    """
+    train, evaluation = load_split(data_cfg, seed)
+    return tokenize_split(train, evaluation, data_cfg, tokenizer)

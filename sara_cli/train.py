@@ -252,7 +252,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import PrinterCallback
 
-    from sara_cli.data import prepare
+    from sara_cli.data import load_split, tokenize_split
 
     output_dir = Path(recipe.train.output_dir).expanduser()
     resolved = saved_recipe(recipe)
@@ -263,14 +263,14 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
             reporter.notice(notice)
         if not use_cuda:
             reporter.notice("no CUDA GPU: training on the CPU in float32 (fine for the quickstart, slow for real models)")
-    model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
-    if reporter:
-        reporter.built(recipe, model, layers)
-
     import datasets
 
     datasets.disable_progress_bars()
-    train_set, eval_set = prepare(recipe.data, tokenizer, recipe.train.seed)  # a dry run checks data too
+    records = load_split(recipe.data, recipe.train.seed)  # bad data fails before the model loads
+    model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
+    if reporter:
+        reporter.built(recipe, model, layers)
+    train_set, eval_set = tokenize_split(*records, recipe.data, tokenizer)  # a dry run checks data too
     if dry_run:
         return {"dry_run": True, "layers": {n: l.rank() for n, l in layers.items()},
                 "train_records": len(train_set), "eval_records": len(eval_set) if eval_set else 0}
