@@ -80,3 +80,22 @@ def one_line_error(result, *fragments):
     assert lines[0].startswith("error:")
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy 2-core machine OpenMP workers
+    spinning against each other make generation ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*args):
+    """Run `sara ARGS` in-process through Typer's runner."""
+    from typer.testing import CliRunner
+
+    from sara_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error
+from conftest import one_line_error, run_cli
 import torch
-from typer.testing import CliRunner
 
 from sara_cli import evaluate, tasks
-from sara_cli.cli import app
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} is absent")
@@ -33,18 +31,7 @@ RECORDS = [  # instruction records for --task loss; short, so nothing is truncat
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from more threads, and on a busy 2-core machine OpenMP workers
-    spinning against each other make generation ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ok(result):

@@ -15,26 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import ASSETS, one_line_error, tiny_llama
-from sara_cli.cli import app
+from conftest import ASSETS, one_line_error, run_cli, tiny_llama
 
 EXPERTS = 5
 TEXTS = ["Below is a short question. What is 2 + 3?", "Tom has 7 apples and eats 2.", "Is the sky green?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from more threads; on a busy 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_adapter(base_dir: Path, run_dir: Path, method: str = "mosara", edit=None) -> Path:
