@@ -39,6 +39,8 @@ def load_base_model(model_cfg, device: str | None = None):
         kwargs["dtype"] = "auto"
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if device is not None and str(device).startswith("cuda"):
+        kwargs["device_map"] = {"": device}  # load straight onto the GPU, not through host memory
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
@@ -47,7 +49,7 @@ def load_base_model(model_cfg, device: str | None = None):
     if tokenizer.pad_token_id is None:
         # A pad token distinct from EOS where possible, so EOS keeps its label.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    if device is not None:
+    if device is not None and "device_map" not in kwargs:
         model.to(device)
     return model, tokenizer, model_dir
 

@@ -221,6 +221,8 @@ def build(recipe, initialize_from: Path | None = None):
     use_cuda = torch.cuda.is_available()
     model, tokenizer, model_dir = checkpoint.load_base_model(recipe.model)
     if use_cuda:
+        # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
+        # treat device-mapped models as model-parallel, which DDP refuses.
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     set_seed(recipe.train.seed)
     if initialize_from is not None:
