@@ -63,6 +63,13 @@ def load_model(reference: str, device: str | None = None):
                             "(no adapter/sara_config.json); give a merged model, a run folder or a "
                             "base model") from None
         model, tokenizer, config = checkpoint.load_adapter_model(adapter_dir, device=device)
+        if config["method"] != "mosara":
+            # Fold the update into the weights: generation then costs what the base costs.
+            # (Mo-SARA routes per token and keeps its branch.)
+            from sara_cli.inject import adapter_layers
+
+            for layer in adapter_layers(model).values():
+                layer.merge()
         return model, tokenizer, f"{config['method']} adapter {adapter_dir}", config
     model_dir = hub.resolve_model_dir(reference)
     hub.weight_files(model_dir)
