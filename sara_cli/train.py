@@ -157,6 +157,31 @@ class SaraTrainer(Trainer):
                                best_model_checkpoint=None, use_mtime=False)
 
 
+# report_to name -> the package its integration needs
+REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+             "clearml": "clearml", "neptune": "neptune", "aim": "aim", "dvclive": "dvclive",
+             "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def check_report_to(report_to) -> None:
+    """Fail before any work when train.report_to names a logger whose package is missing."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        package = REPORTERS.get(name)
+        if package is None:
+            raise SaraError(f"train.report_to: unknown logger '{name}'; use none, all or one of "
+                            f"{', '.join(sorted(REPORTERS))}")
+        found = importlib.util.find_spec(package) is not None or (
+            name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None)
+        if not found:
+            raise SaraError(f"train.report_to: {name} needs the {package} package, which is not "
+                            f"installed; pip install {package}, or set report_to: none")
+
+
 def training_arguments(recipe, output_dir: Path, has_eval: bool, use_cuda: bool):
     from transformers import TrainingArguments
 
@@ -256,6 +281,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
 
     from sara_cli.data import load_split, tokenize_split
 
+    check_report_to(recipe.train.report_to)
     output_dir = Path(recipe.train.output_dir).expanduser()
     resolved = saved_recipe(recipe)
     plan = plan_output(output_dir, resume, overwrite, resolved)

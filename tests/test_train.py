@@ -30,6 +30,7 @@ from sara_cli import checkpoint, hub, rundir
 from sara_cli import train as train_module
 from sara_cli.adapters import SorsaLayer
 from sara_cli.cli import app
+from sara_cli.errors import SaraError
 from sara_cli.inject import adapter_layers, is_adapter_parameter
 from sara_cli.recipe import load_recipe
 
@@ -590,3 +591,15 @@ def test_record_without_output_names_the_file_and_index(tmp_path, llama_dir):
 def test_targets_not_in_the_model_lists_the_existing_names(tmp_path, llama_dir, data_file):
     recipe = write_recipe(tmp_path, llama_dir, data_file, adapter={"targets": "query_key_value"})
     assert_one_line_error(sara("train", recipe), "query_key_value", "q_proj", "v_proj", "down_proj")
+
+
+def test_report_to_a_missing_logger_is_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(SaraError, match="pip install wandb"):
+        train_module.check_report_to("wandb")
+    with pytest.raises(SaraError, match="unknown logger 'wandbb'"):
+        train_module.check_report_to(["wandbb"])
+    train_module.check_report_to("none")
