@@ -26,7 +26,7 @@ def load_base_model(model_cfg, device: str | None = None):
         (model, tokenizer, model_dir)
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = hub.resolve_model_dir(model_cfg.name_or_path, model_cfg.revision)
     config = hub.load_config(model_dir)
@@ -43,15 +43,23 @@ def load_base_model(model_cfg, device: str | None = None):
         kwargs["device_map"] = {"": device}  # load straight onto the GPU, not through host memory
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SaraError(f"could not load model {model_cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
-    if tokenizer.pad_token_id is None:
-        # A pad token distinct from EOS where possible, so EOS keeps its label.
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if device is not None and "device_map" not in kwargs:
         model.to(device)
     return model, tokenizer, model_dir
+
+
+def load_tokenizer(folder, trust_remote_code: bool = False):
+    """AutoTokenizer with a pad token for batched runs: unk where there is one, so EOS keeps its
+    label in training, else EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
 
 
 def adapter_tensors(model) -> dict:

@@ -40,8 +40,7 @@ def plain_prompt(instruction: str, input_text: str = "", output: str = "") -> st
     return prompt + output
 
 
-def required_fields(template: str) -> tuple[str, ...]:
-    return ("instruction", "output")
+REQUIRED_FIELDS = ("instruction", "output")  # every template; `input` is optional
 
 
 def load_records(reference: str, split: str = "train", limit: int | None = None,
@@ -99,7 +98,7 @@ def check_records(dataset, template: str, source: str) -> None:
     """
     if len(dataset) == 0:
         raise SaraError(f"{source} holds no records")
-    needed = required_fields(template)
+    needed = REQUIRED_FIELDS
     if template == "chat" and "messages" in dataset.column_names:
         needed = ("messages",)
     for field in needed:
@@ -114,6 +113,24 @@ def check_records(dataset, template: str, source: str) -> None:
 def _text(value) -> str:
     """A record field as text: None is empty; numbers (CSV columns, JSON answers) become strings."""
     return "" if value is None else str(value)
+
+
+def record_texts(record: dict, template: str, tokenizer=None) -> tuple[str, str]:
+    """(prompt, prompt + completion) of a record under a template; `chat` needs the tokenizer."""
+    instruction, input_text, output = (_text(record.get(k)) for k in ("instruction", "input", "output"))
+    if template == "alpaca":
+        return alpaca_prompt(instruction, input_text), alpaca_prompt(instruction, input_text, output)
+    if template == "plain":
+        return plain_prompt(instruction, input_text), plain_prompt(instruction, input_text, output)
+    messages = record.get("messages") or [
+        {"role": "user", "content": instruction + (f"\n\n{input_text}" if input_text else "")},
+        {"role": "assistant", "content": output}]
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise SaraError("template 'chat' needs a tokenizer with a chat template; this one has "
+                        "none. Use template: alpaca or plain")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return prompt, full
 
 
 class Tokenize:
@@ -131,20 +148,7 @@ class Tokenize:
 
     def texts(self, record: dict) -> tuple[str, str]:
         """(prompt, prompt + completion) for a record."""
-        instruction, input_text, output = (_text(record.get(k)) for k in ("instruction", "input", "output"))
-        if self.template == "alpaca":
-            return alpaca_prompt(instruction, input_text), alpaca_prompt(instruction, input_text, output)
-        if self.template == "plain":
-            return plain_prompt(instruction, input_text), plain_prompt(instruction, input_text, output)
-        messages = record.get("messages") or [
-            {"role": "user", "content": instruction + (f"\n\n{input_text}" if input_text else "")},
-            {"role": "assistant", "content": output}]
-        if self.tokenizer.chat_template is None:
-            raise SaraError("template 'chat' needs a tokenizer with a chat template; this one has "
-                            "none. Use template: alpaca or plain")
-        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        return prompt, full
+        return record_texts(record, self.template, self.tokenizer)
 
     def _encode(self, text: str, add_eos: bool) -> list[int]:
         special = self.template != "chat"  # chat templates write their own special tokens

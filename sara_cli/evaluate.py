@@ -51,8 +51,6 @@ def load_model(reference: str, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sara_cli.verify import load_tokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(reference)
     if path.is_dir() and not (path / "config.json").is_file():
@@ -75,7 +73,7 @@ def load_model(reference: str, device: str | None = None):
     hub.weight_files(model_dir)
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, load_tokenizer(model_dir), str(reference), None
+    return model, checkpoint.load_tokenizer(model_dir), str(reference), None
 
 
 def _count_generated(sequences, eos_id: int | None) -> list[int]:

@@ -92,33 +92,18 @@ def load_merged(folder, dtype_name: str):
     return model.to(device_for_inference()).eval()
 
 
-def load_tokenizer(folder):
-    """AutoTokenizer with a pad token (unk, else EOS) for batched runs."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
-
-
 # -- the merge's checks ------------------------------------------------------------------------
 
 def verification_texts(config: dict, limit: int = 4) -> list[str]:
     """A few of the run's own training texts when the data is at hand, else built-in text."""
-    from sara_cli.data import Tokenize, load_records
+    from sara_cli.data import load_records, record_texts
 
     recipe = config.get("recipe") or {}
     data = recipe.get("data") or {}
     try:
         records = load_records(data["train_file"], data.get("train_split", "train"), limit,
                                data.get("columns"))
-
-        class _NoTokenizer:  # only the text formatting of Tokenize is used
-            chat_template = None
-
-        formatter = Tokenize(_NoTokenizer(), data.get("template", "alpaca"), 0, True)
-        texts = [formatter.texts(dict(r))[1] for r in records]
+        texts = [record_texts(dict(r), data.get("template", "alpaca"))[1] for r in records]
         return texts or VERIFY_TEXT
     except Exception:  # the data may be gone or on another machine; the check still runs
         return VERIFY_TEXT
@@ -130,14 +115,13 @@ def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str
 
     Returns ({module: (m,) mean gate}, routed outputs on `texts`, routed outputs on calibration).
     """
-    from sara_cli.data import Tokenize, load_records
+    from sara_cli.data import load_records, record_texts
     from sara_cli.gates import collect_gates
 
     records = load_records(calibration, limit=256)
     template = (config.get("recipe") or {}).get("data", {}).get("template", "alpaca")
     model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
-    formatter = Tokenize(tokenizer, template, 0, True)
-    calibration_texts = [formatter.texts(dict(r))[1] for r in records]
+    calibration_texts = [record_texts(dict(r), template, tokenizer)[1] for r in records]
     gates = collect_gates(model, tokenizer, calibration_texts)
     mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
     routed = run_model(model, tokenizer, texts)
@@ -156,7 +140,7 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
     import torch
 
     merged = load_merged(staging, dtype_name)
-    tokenizer = load_tokenizer(staging)
+    tokenizer = checkpoint.load_tokenizer(staging)
     for name, p in merged.state_dict().items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise SaraError(f"merged tensor {name} holds NaN or inf; the adapter is broken")
