@@ -247,7 +247,9 @@ def eval_command(
     if task == "loss":
         if data is None:
             raise SaraError("--task loss needs --data FILE (instruction records)")
-        evaluate.check_data_reference(data)
+        from sara_cli.data import check_data_reference
+
+        check_data_reference(data)  # before the model loads
         loaded, tokenizer, description, config = evaluate.load_model(model)
         result = evaluate.mean_loss(loaded, tokenizer, data, config, batch_size, limit)
         console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "

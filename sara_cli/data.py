@@ -90,6 +90,21 @@ def load_records(reference: str, split: str = "train", limit: int | None = None,
     return dataset
 
 
+def check_data_reference(data: str, flag: str = "--data") -> None:
+    """Fail early, naming the flag, when `data` names a local records file that is not there.
+
+    Raises:
+        SaraError: a .json/.jsonl/.csv/.parquet path that is not a file.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()  # the library's "Generating train split" bars, one per load
+    path = Path(data).expanduser()
+    if not builtin.is_builtin(data) and path.suffix.lower() in FILE_BUILDERS and not path.is_file():
+        raise SaraError(f"{flag} {data} does not exist; give a .json, .jsonl, .csv or .parquet file of "
+                        "instruction records, or builtin:mawps-quickstart")
+
+
 def check_records(dataset, template: str, source: str) -> None:
     """Every record has the fields the template needs, as strings.
 

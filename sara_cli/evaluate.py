@@ -165,8 +165,8 @@ def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int,
     from transformers import DataCollatorForSeq2Seq
 
     from sara_cli.data import Tokenize, check_records, load_records
+    from sara_cli.verify import next_token_loss
 
-    check_data_reference(data)
     settings = ((config or {}).get("recipe") or {}).get("data") or {}
     template = settings.get("template", "alpaca")
     records = load_records(data, limit=limit, columns=settings.get("columns"))
@@ -181,33 +181,13 @@ def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int,
         for start in range(0, len(features), batch_size):
             batch = {k: v.to(device) for k, v in collator(features[start:start + batch_size]).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
-                                                       ignore_index=-100, reduction="sum")
-            total += float(losses)
-            tokens += int((labels != -100).sum())
+            loss_sum, count = next_token_loss(logits, batch["labels"])
+            total += loss_sum
+            tokens += count
     if tokens == 0:
         raise SaraError(f"{data}: no tokens to score after truncation; check the data")
     loss = total / tokens
     return {"data": data, "records": len(records), "tokens": tokens, "loss": loss, "perplexity": math.exp(loss)}
-
-
-def check_data_reference(data: str, flag: str = "--data") -> None:
-    """Fail early, naming the flag, when `data` names a local records file that is not there.
-
-    Raises:
-        SaraError: a .json/.jsonl/.csv/.parquet path that is not a file.
-    """
-    import datasets
-
-    from sara_cli.builtin import is_builtin
-    from sara_cli.data import FILE_BUILDERS
-
-    datasets.disable_progress_bars()  # the library's "Generating train split" bars, one per load
-    path = Path(data).expanduser()
-    if not is_builtin(data) and path.suffix.lower() in FILE_BUILDERS and not path.is_file():
-        raise SaraError(f"{flag} {data} does not exist; give a .json, .jsonl, .csv or .parquet file of "
-                        "instruction records, or builtin:mawps-quickstart")
 
 
 def check_options(protocol: str, batch_size: int, limit: int | None, max_new_tokens: int | None) -> None:

@@ -145,7 +145,7 @@ def load_sources(task_spec: str | None, data: str | None, limit: int | None,
     """
     from sara_cli import tasks
     from sara_cli.data import load_records
-    from sara_cli.evaluate import check_data_reference
+    from sara_cli.data import check_data_reference
 
     if task_spec is not None:
         return {task.name: tasks.load_records(task, data_dir, limit) for task in tasks.resolve_tasks(task_spec)}

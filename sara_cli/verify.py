@@ -35,6 +35,19 @@ def device_for_inference() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def next_token_loss(logits, labels) -> tuple[float, int]:
+    """(sum of next-token cross-entropy, number of scored tokens); labels of -100 are skipped.
+
+    logits (B, T, V) float32, labels (B, T): position t predicts labels[t + 1].
+    """
+    import torch
+
+    shifted = labels[:, 1:]
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted,
+                                              ignore_index=-100, reduction="sum")
+    return float(total), int((shifted != -100).sum())
+
+
 def run_model(model, tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 256) -> Outputs:
     """Logits and mean next-token loss of `model` over `texts`, kept on the CPU."""
     import torch
@@ -48,12 +61,9 @@ def run_model(model, tokenizer, texts: list[str], batch_size: int = 4, max_lengt
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(**batch).logits.float()  # (B, T, V)
             mask = batch["attention_mask"].bool()
-            shift_logits, shift_labels = out[:, :-1], batch["input_ids"][:, 1:]
-            shift_mask = mask[:, 1:]
-            losses = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
-                                                       reduction="none")  # (B, T-1)
-            total_loss += float(losses[shift_mask].sum())
-            total_tokens += int(shift_mask.sum())
+            loss_sum, tokens = next_token_loss(out, batch["input_ids"].masked_fill(~mask, -100))
+            total_loss += loss_sum
+            total_tokens += tokens
             logits.append(out.cpu())
             masks.append(mask.cpu())
     return Outputs(logits, masks, total_loss / max(total_tokens, 1))
