@@ -30,13 +30,8 @@ def batches(tokenizer, texts: list[str], batch_size: int, max_length: int = 512)
                         truncation=True, max_length=max_length)
 
 
-def collect_gates(model, tokenizer, texts: list[str], batch_size: int = 8,
-                  token_masks: list | None = None) -> dict:
-    """Per-token gates of every Mo-SARA layer over `texts`.
-
-    Args:
-        token_masks: optional per-text list of booleans (one per token) selecting the tokens to
-            keep, e.g. prompt tokens only; default: every non-padding token.
+def collect_gates(model, tokenizer, texts: list[str], batch_size: int = 8) -> dict:
+    """Per-token gates of every Mo-SARA layer over the real (non-padding) tokens of `texts`.
 
     Returns:
         {module name: (N, m) float32 tensor}, N = the number of kept tokens.
@@ -50,13 +45,8 @@ def collect_gates(model, tokenizer, texts: list[str], batch_size: int = 8,
     device = next(model.parameters()).device
     kept: dict[str, list] = {name: [] for name in layers}
     with recording(layers), torch.no_grad():
-        for b, batch in enumerate(batches(tokenizer, texts, batch_size)):
+        for batch in batches(tokenizer, texts, batch_size):
             mask = batch["attention_mask"].bool()  # (B, T)
-            if token_masks is not None:
-                for row, wanted in enumerate(token_masks[b * batch_size:(b + 1) * batch_size]):
-                    limit = torch.zeros(mask.shape[1], dtype=torch.bool)
-                    limit[:len(wanted)] = torch.tensor(wanted[:mask.shape[1]], dtype=torch.bool)
-                    mask[row] &= limit
             model(**{k: v.to(device) for k, v in batch.items()})
             for name, layer in layers.items():
                 g = layer.recorded_gates[0]  # (B, T, m): one forward call per layer and batch

@@ -43,7 +43,6 @@ class MergeReport:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     verification: dict = field(default_factory=dict)
-    routing: dict = field(default_factory=dict)
 
 
 # -- the update, functional on the saved tensors ----------------------------------------------------

@@ -29,7 +29,6 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "pissa": {"rank": 8, "svd": "lowrank"},
     "sorsa": {"rank": 8, "gamma": 4e-4, "svd": "lowrank"},
 }
-COMMON_ADAPTER_KEYS = {"method", "targets", "dropout"}
 
 
 class Section(BaseModel):

@@ -48,11 +48,6 @@ class RouteMap:
                 "tasks": {task: {module: vars(m) for module, m in modules.items()}
                           for task, modules in self.maps.items()}}
 
-    def static_share(self, threshold: float = 0.9) -> float:
-        """Share of (task, module, layer) cells whose dominant expert tops >= threshold of tokens."""
-        cells = [a for modules in self.maps.values() for m in modules.values() for a in m.top_agreement]
-        return sum(a >= threshold for a in cells) / len(cells) if cells else 0.0
-
 
 def summarize(gates: dict, modules: list[str] | None) -> dict[str, ModuleMap]:
     """Group per-token gates {module path: (N, m)} by module type and layer, with statistics."""

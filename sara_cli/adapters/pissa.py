@@ -62,9 +62,5 @@ class PissaLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.pissa_B @ self.pissa_A  # against W_res
 
-    def update_against_original(self) -> torch.Tensor:
-        """The trained change against the original W: B A - B0 A0, (out, in) float32."""
-        return self.pissa_B @ self.pissa_A - self.pissa_B0 @ self.pissa_A0
-
     def rank(self) -> int:
         return self.r

@@ -59,15 +59,6 @@ class SorsaLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.sorsa_U * self.sorsa_S) @ self.sorsa_Vh
 
-    def update_against_original(self) -> torch.Tensor:
-        return self.delta_weight() - self._initial_product().to(ADAPTER_DTYPE)
-
-    def regularizer(self) -> torch.Tensor:
-        """L_reg = ||U^T U - I||_F + ||Vh Vh^T - I||_F (a scalar, differentiable)."""
-        eye = torch.eye(self.r, dtype=self.sorsa_U.dtype, device=self.sorsa_U.device)
-        return (torch.linalg.matrix_norm(self.sorsa_U.T @ self.sorsa_U - eye)
-                + torch.linalg.matrix_norm(self.sorsa_Vh @ self.sorsa_Vh.T - eye))
-
     @torch.no_grad()
     def orthonormal_step(self, gamma: float) -> None:
         """One gradient step of size gamma on L_reg, with the analytic gradient."""
