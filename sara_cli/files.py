@@ -39,6 +39,24 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_writable(path: Path, label: str) -> None:
+    """Fail before any work if folder `path` (named `label` in the message) cannot be created:
+    the nearest existing folder on the way must be a folder we may write into.
+
+    Raises:
+        SaraError: that ancestor is a file or not writable.
+    """
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SaraError(f"cannot write {label} {path}: {existing} is a file, not a folder; "
+                        "choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SaraError(f"cannot write {label} {path}: {existing} is not writable; check permissions "
+                        "or choose another folder")
+
+
 def write_json(path: Path | str, data) -> None:
     """Write JSON atomically."""
     with atomic_path(path) as tmp:

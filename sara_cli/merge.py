@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sara_cli import checkpoint, hub
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_dir
+from sara_cli.files import atomic_dir, check_writable
 from sara_cli.verify import check_merged, mean_routing, verification_texts
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -266,13 +266,7 @@ def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise SaraError(f"--out {out} already exists; choose another folder or pass --overwrite "
                         "(the old folder is replaced only once the new one is complete)")
-    for ancestor in out.absolute().parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise SaraError(f"cannot write --out {out}: {ancestor} is a file, not a folder")
-            if not os.access(ancestor, os.W_OK | os.X_OK):
-                raise SaraError(f"cannot write --out {out}: no permission to create folders in {ancestor}")
-            return
+    check_writable(out.parent, "--out")
 
 
 def check_options(method: str, routing: str, calibration: str | None, fmt: str, dtype: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sara_cli import checkpoint
 from sara_cli.errors import SaraError
-from sara_cli.files import write_text
+from sara_cli.files import check_writable, write_text
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
@@ -57,7 +57,7 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
     plan = RunPlan(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
-    check_writable(output_dir)
+    check_writable(output_dir, "train.output_dir")
     finished = (output_dir / "adapter" / checkpoint.CONFIG_NAME).is_file()
     checkpoints = complete_checkpoints(output_dir)
     if overwrite and (finished or checkpoints):
@@ -98,23 +98,6 @@ def saved_recipe(recipe) -> dict:
 
 def _without_none(section):
     return {k: v for k, v in section.items() if v is not None} if isinstance(section, dict) else section
-
-
-def check_writable(output_dir: Path) -> None:
-    """Fail before the model loads if output_dir cannot be created or written.
-
-    Raises:
-        SaraError: the nearest existing folder on the path is a file or not writable.
-    """
-    existing = output_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SaraError(f"cannot write to train.output_dir {output_dir}: {existing} is a file; "
-                        "choose another folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SaraError(f"cannot write to train.output_dir {output_dir}: {existing} is not writable; "
-                        "check permissions or choose another folder")
 
 
 def _aside_name(output_dir: Path) -> Path:
