@@ -70,16 +70,20 @@ def gpt2_dir(tmp_path_factory) -> Path:
     return _save(tiny_gpt2(), tmp_path_factory.mktemp("tiny-gpt2"))
 
 
-def one_line_error(result, *fragments):
-    """A CLI result is a user error: non-zero exit, one `error:` line holding `fragments`, no traceback."""
-    assert result.exit_code != 0
+def one_line_error(result, *fragments: str, stdout_empty: bool = True) -> str:
+    """A CLI result is a user error: non-zero exit, no traceback, and exactly one line on stderr,
+    an `error:` line holding every fragment, and (unless stdout_empty=False, for commands that
+    print progress before they fail) nothing on stdout. Returns that line."""
+    assert result.exit_code not in (0, None), result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert not result.stdout.strip() or not stdout_empty, result.stdout
+    assert lines[0].startswith("error:"), lines
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
 
 
 @pytest.fixture(scope="module")

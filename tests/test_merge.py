@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import one_line_error
 from sara_cli import __version__, checkpoint
 from sara_cli import merge as merge_module
 from sara_cli import verify as verify_module
@@ -74,17 +75,6 @@ CHILD = textwrap.dedent("""
 
 def run_cli(*args: str):
     return CliRunner().invoke(app, ["merge", *map(str, args)])
-
-
-def one_line_error(result, *fragments: str) -> str:
-    """Assert a non-zero exit with exactly one line on stderr holding every fragment."""
-    assert result.exit_code != 0, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def figures(output: str) -> tuple[float, float]:

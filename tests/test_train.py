@@ -25,6 +25,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import one_line_error
 import sara_cli
 from sara_cli import checkpoint, hub, rundir
 from sara_cli import train as train_module
@@ -86,19 +87,6 @@ def sara(*args: str):
 def flat(text: str) -> str:
     """Whitespace collapsed, so rich's line wrapping does not matter."""
     return " ".join(text.split())
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code not in (0, None), result.output
-    assert "Traceback" not in result.output
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def loss_records(output_dir: Path) -> list[dict]:
@@ -349,7 +337,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path, llama_dir
     recipe, out = finished_run(tmp_path, llama_dir, data_file)
     before = snapshot(out)
     result = sara("train", recipe)
-    assert_one_line_error(result, "finished run", "--overwrite")
+    one_line_error(result, "finished run", "--overwrite")
     assert snapshot(out) == before
 
 
@@ -385,8 +373,8 @@ def test_checkpoints_without_adapter_resume_refuse_no_resume_and_other_recipes(t
     shutil.rmtree(out / "adapter")  # as if stopped after checkpoint-4
     before = snapshot(out)
 
-    assert_one_line_error(sara("train", recipe, "--no-resume"), "checkpoints", "--overwrite")
-    assert_one_line_error(sara("train", recipe, "adapter.rank=2"), "different recipe", "adapter")
+    one_line_error(sara("train", recipe, "--no-resume"), "checkpoints", "--overwrite")
+    one_line_error(sara("train", recipe, "adapter.rank=2"), "different recipe", "adapter")
     assert snapshot(out) == before
 
     result = sara("train", recipe, "--no-resume", "--overwrite")
@@ -400,7 +388,7 @@ def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path, llama_dir, data
     target = tmp_path / "taken"
     target.write_text("not a folder")
     recipe = write_recipe(tmp_path, llama_dir, data_file, train={"output_dir": str(target)})
-    assert_one_line_error(sara("train", recipe), "is a file")
+    one_line_error(sara("train", recipe), "is a file")
     assert target.read_text() == "not a folder"
 
 
@@ -416,7 +404,7 @@ def test_unwritable_output_dir_is_a_one_line_error(tmp_path, llama_dir, data_fil
         target = parent / "sub"
     recipe = write_recipe(tmp_path, llama_dir, data_file, train={"output_dir": str(target)})
     try:
-        assert_one_line_error(sara("train", recipe), "cannot write", str(target))
+        one_line_error(sara("train", recipe), "cannot write", str(target))
     finally:
         if os.geteuid() != 0:
             target.parent.chmod(0o700)
@@ -569,12 +557,12 @@ def test_torchrun_ddp_on_cpu_saves_the_adapter_once(tmp_path, llama_dir, data_fi
 # -- 9. bad input -----------------------------------------------------------------------------------
 
 def test_missing_recipe_file(tmp_path):
-    assert_one_line_error(sara("train", tmp_path / "nope.yaml"), "nope.yaml", "does not exist")
+    one_line_error(sara("train", tmp_path / "nope.yaml"), "nope.yaml", "does not exist")
 
 
 def test_missing_data_file(tmp_path, llama_dir):
     recipe = write_recipe(tmp_path, llama_dir, tmp_path / "absent.json")
-    assert_one_line_error(sara("train", recipe), "absent.json", "does not exist")
+    one_line_error(sara("train", recipe), "absent.json", "does not exist", stdout_empty=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -584,13 +572,13 @@ def test_record_without_output_names_the_file_and_index(tmp_path, llama_dir):
     data = tmp_path / "broken.json"
     data.write_text(json.dumps(records))
     recipe = write_recipe(tmp_path, llama_dir, data)
-    assert_one_line_error(sara("train", recipe), "broken.json", "record 5", "'output'")
-    assert_one_line_error(sara("train", recipe, "--dry-run"), "record 5")  # a dry run checks the data
+    one_line_error(sara("train", recipe), "broken.json", "record 5", "'output'", stdout_empty=False)
+    one_line_error(sara("train", recipe, "--dry-run"), "record 5", stdout_empty=False)  # a dry run checks the data
 
 
 def test_targets_not_in_the_model_lists_the_existing_names(tmp_path, llama_dir, data_file):
     recipe = write_recipe(tmp_path, llama_dir, data_file, adapter={"targets": "query_key_value"})
-    assert_one_line_error(sara("train", recipe), "query_key_value", "q_proj", "v_proj", "down_proj")
+    one_line_error(sara("train", recipe), "query_key_value", "q_proj", "v_proj", "down_proj", stdout_empty=False)
 
 
 def test_report_to_a_missing_logger_is_a_clear_error():
