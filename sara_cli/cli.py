@@ -161,13 +161,16 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over even if output_dir holds a run."),
 ) -> None:
     """Train adapters from a recipe."""
+    from sara_cli.recipe import check_report_to, load_recipe
+
+    # Every recipe error is reported before torch and transformers are imported (seconds).
+    parsed = load_recipe(recipe, overrides or [])
+    check_report_to(parsed.train.report_to)
     import yaml
 
     from sara_cli.cli_views import TrainReporter
-    from sara_cli.recipe import load_recipe
     from sara_cli.train import train as run_training
 
-    parsed = load_recipe(recipe, overrides or [])
     if dry_run:
         console.print(yaml.safe_dump(parsed.resolved(), sort_keys=False).rstrip(), highlight=False)
     summary = run_training(parsed, resume=resume, overwrite=overwrite, dry_run=dry_run,

@@ -32,7 +32,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never a meaningful setting; without this, `tau: nan` would be
+    # reported as "should be less than or equal to 1".
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -82,7 +84,7 @@ class TrainSection(Section):
     output_dir: str
     learning_rate: float = Field(3e-4, gt=0.0)
     num_train_epochs: float = Field(3.0, gt=0.0)
-    max_steps: int = Field(-1, ge=-1)
+    max_steps: int = Field(-1, ge=-1, description="-1: train num_train_epochs; else this many optimizer steps.")
     per_device_train_batch_size: int = Field(4, ge=1)
     per_device_eval_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -160,10 +162,43 @@ def _conflicts(raw: dict) -> list[str]:
                             f"{train['warmup_steps']!r}; the ratio would win, so set only one")
         if train.get("bf16") is True and train.get("fp16") is True:
             problems.append("train.fp16: bf16 and fp16 are both true; choose one mixed precision")
+        steps = train.get("max_steps")
+        if steps == 0 and not isinstance(steps, bool):  # the Trainer would run one step at lr 0
+            problems.append("train.max_steps: got 0, which trains nothing; give a positive number of "
+                            "steps, or -1 to train for num_train_epochs")
     return problems
 
 
-def _format_pydantic(error: ValidationError) -> list[str]:
+def _expected(section: str, key: str) -> str:
+    """What a field accepts, from its schema: 'a number with 0 < tau <= 1', 'one of: a, b'."""
+    import typing
+
+    model = SECTIONS.get(section)
+    info = model.model_fields.get(key) if model is not None else None
+    if info is None:
+        return ""
+    annotation = info.annotation
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    kinds = [k for k in kinds if k is not type(None)]
+    literals = [v for k in kinds if typing.get_origin(k) is Literal for v in typing.get_args(k)]
+    if literals:
+        return "one of: " + ", ".join(map(str, literals))
+    noun = ("an integer" if int in kinds and float not in kinds else "a number" if float in kinds
+            else "true or false" if bool in kinds else "a string" if str in kinds else "")
+    signs = {"gt": ("<", ">"), "ge": ("<=", ">="), "lt": ("<", "<"), "le": ("<=", "<=")}
+    bounds = {attr: getattr(item, attr) for item in info.metadata for attr in signs
+              if getattr(item, attr, None) is not None}
+    low = next(((a, v) for a, v in bounds.items() if a in ("gt", "ge")), None)
+    high = next(((a, v) for a, v in bounds.items() if a in ("lt", "le")), None)
+    if noun and low and high:
+        return f"{noun} with {low[1]:g} {signs[low[0]][0]} {key} {signs[high[0]][0]} {high[1]:g}"
+    if noun and (low or high):
+        attr, value = low or high
+        return f"{noun} {signs[attr][1]} {value:g}"
+    return noun
+
+
+def _format_pydantic(error: ValidationError, overridden: dict[str, str]) -> list[str]:
     lines = []
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -176,12 +211,22 @@ def _format_pydantic(error: ValidationError) -> list[str]:
         elif err["type"] == "missing":
             lines.append(f"{loc}: required but missing")
         else:
-            lines.append(f"{loc}: got {err.get('input')!r}; {err['msg'].lower()}")
+            field = ".".join(str(p) for p in err["loc"][:2])
+            source = f" (from the override {overridden[field]})" if field in overridden else ""
+            # Literal errors already list the allowed values.
+            expected = (_expected(*map(str, err["loc"][:2]))
+                        if len(err["loc"]) >= 2 and err["type"] != "literal_error" else "")
+            lines.append(f"{loc}: got {err.get('input')!r}{source}; {err['msg'].lower()}"
+                         + (f"; expected {expected}" if expected else ""))
     return lines
 
 
 def set_override(raw: dict, override: str) -> None:
-    """Apply one `section.key=value` override; the value is parsed as YAML (numbers, bools, lists)."""
+    """Apply one `section.key=value` override; the value is parsed as YAML (numbers, bools, lists).
+
+    Raises:
+        SaraError: not section.key=value, an unknown section, or a value that is not YAML.
+    """
     import yaml
 
     if "=" not in override or "." not in override.split("=", 1)[0]:
@@ -193,22 +238,36 @@ def set_override(raw: dict, override: str) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise SaraError(f"recipe section '{section}' must be a mapping")
-    raw[section][key] = yaml.safe_load(value) if value != "" else None
+    try:
+        raw[section][key] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SaraError(f"override '{override}': the value {value!r} is not valid YAML ({problem}); "
+                        f"close brackets and quotes, e.g. adapter.targets=[q_proj,v_proj] or "
+                        f"{path}='text'") from None
 
 
-def validate(raw: Any, source: str = "recipe") -> Recipe:
-    """Validate a raw recipe dict; every problem is reported in one SaraError."""
+def validate(raw: Any, source: str = "recipe", overridden: dict[str, str] | None = None) -> Recipe:
+    """Validate a raw recipe dict; every problem is reported in one SaraError.
+
+    Args:
+        overridden: {"section.key": the override that set it}, so a message can name it.
+
+    Raises:
+        SaraError: one line for a single problem; a header and one line per problem otherwise.
+    """
     if not isinstance(raw, dict):
         raise SaraError(f"{source}: a recipe is a YAML mapping with sections model, adapter, data, train")
     problems = _applicability(raw) + _conflicts(raw)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += _format_pydantic(exc)
+        problems += _format_pydantic(exc, overridden or {})
         recipe = None
+    if len(problems) == 1:
+        raise SaraError(f"{source}: {problems[0]}")
     if problems:
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        raise SaraError(f"{source} has {count}:\n  " + "\n  ".join(problems))
+        raise SaraError(f"{source} has {len(problems)} problems:\n  " + "\n  ".join(problems))
     for key, value in METHOD_DEFAULTS[recipe.adapter.method].items():
         if getattr(recipe.adapter, key) is None:
             setattr(recipe.adapter, key, value)
@@ -235,6 +294,37 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     raw = raw if raw is not None else {}
     if not isinstance(raw, dict):  # checked before overrides, which need a mapping
         return validate(raw, str(path))
+    overridden = {}
     for override in overrides or []:
         set_override(raw, override)
-    return validate(raw, str(path))
+        overridden[override.split("=", 1)[0]] = override
+    return validate(raw, str(path), overridden)
+
+
+# report_to name -> the package its integration needs
+REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+             "clearml": "clearml", "neptune": "neptune", "aim": "aim", "dvclive": "dvclive",
+             "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def check_report_to(report_to) -> None:
+    """Fail before any work when train.report_to names a logger whose package is missing.
+
+    Raises:
+        SaraError: an unknown logger name, or one whose package is not installed.
+    """
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        package = REPORTERS.get(name)
+        if package is None:
+            raise SaraError(f"train.report_to: unknown logger '{name}'; use none, all or one of "
+                            f"{', '.join(sorted(REPORTERS))}")
+        found = importlib.util.find_spec(package) is not None or (
+            name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None)
+        if not found:
+            raise SaraError(f"train.report_to: {name} needs the {package} package, which is not "
+                            f"installed; pip install {package}, or set report_to: none")

@@ -16,9 +16,10 @@ from transformers import Trainer, TrainerCallback
 
 from sara_cli import checkpoint, hub
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_dir, write_text
-from sara_cli.rundir import (CHECKPOINT, LOG_NAME, STAGING, is_main_process, plan_output, prepare_output,
-                             saved_recipe, trim_log)
+from sara_cli.files import atomic_dir, check_writable, write_text
+from sara_cli.recipe import check_report_to
+from sara_cli.rundir import (CHECKPOINT, LOG_NAME, STAGING, is_main_process, locked, plan_output,
+                             prepare_output, remove_previous, saved_recipe, trim_log)
 
 
 
@@ -89,6 +90,17 @@ class SignalCallback(TrainerCallback):
         self._previous.clear()
 
 
+class CadenceCallback(TrainerCallback):
+    """Apply the recipe's logging, eval and save steps also on a resume.
+
+    The Trainer restores them from the checkpoint's trainer_state.json; a resume may change
+    them (they cannot change the result), and recipe.yaml records the new values.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+
+
 class LogCallback(TrainerCallback):
     """Append every log record to trainer_log.jsonl (main process only)."""
 
@@ -155,31 +167,6 @@ class SaraTrainer(Trainer):
                 pass
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=None, use_mtime=False)
-
-
-# report_to name -> the package its integration needs
-REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
-             "clearml": "clearml", "neptune": "neptune", "aim": "aim", "dvclive": "dvclive",
-             "swanlab": "swanlab", "trackio": "trackio"}
-
-
-def check_report_to(report_to) -> None:
-    """Fail before any work when train.report_to names a logger whose package is missing."""
-    import importlib.util
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
-    for name in names:
-        if name in ("none", "all"):
-            continue
-        package = REPORTERS.get(name)
-        if package is None:
-            raise SaraError(f"train.report_to: unknown logger '{name}'; use none, all or one of "
-                            f"{', '.join(sorted(REPORTERS))}")
-        found = importlib.util.find_spec(package) is not None or (
-            name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None)
-        if not found:
-            raise SaraError(f"train.report_to: {name} needs the {package} package, which is not "
-                            f"installed; pip install {package}, or set report_to: none")
 
 
 def training_arguments(recipe, output_dir: Path, has_eval: bool, use_cuda: bool):
@@ -271,9 +258,24 @@ def build(recipe, initialize_from: Path | None = None):
 def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = False, reporter=None) -> dict:
     """Run a recipe end to end. Returns a summary dict (output folder, steps, final loss, size).
 
+    The output folder is locked for the whole run (not for a dry run, which writes nothing).
+
     Raises:
-        SaraError: any user-fixable problem; Interrupted after SIGINT/SIGTERM (a checkpoint is saved).
+        SaraError: any user-fixable problem, another run holding the folder; Interrupted after
+            SIGINT/SIGTERM (a checkpoint is saved).
     """
+    from contextlib import nullcontext
+
+    check_report_to(recipe.train.report_to)  # also checked by the CLI, before heavy imports
+    output_dir = Path(recipe.train.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
+    check_writable(output_dir, "train.output_dir")
+    with nullcontext() if dry_run else locked(output_dir):
+        return _train(recipe, output_dir, resume, overwrite, dry_run, reporter)
+
+
+def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: bool, reporter) -> dict:
     import torch
     import yaml
     from transformers import DataCollatorForSeq2Seq
@@ -281,8 +283,6 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
 
     from sara_cli.data import load_split, tokenize_split
 
-    check_report_to(recipe.train.report_to)
-    output_dir = Path(recipe.train.output_dir).expanduser()
     resolved = saved_recipe(recipe)
     plan = plan_output(output_dir, resume, overwrite, resolved)
     use_cuda = torch.cuda.is_available()
@@ -299,6 +299,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     if reporter:
         reporter.built(recipe, model, layers)
     train_set, eval_set = tokenize_split(*records, recipe.data, tokenizer)  # a dry run checks data too
+    check_targets(train_set, recipe.data)
     if dry_run:
         return {"dry_run": True, "layers": {n: l.rank() for n, l in layers.items()},
                 "train_records": len(train_set), "eval_records": len(eval_set) if eval_set else 0}
@@ -313,7 +314,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     model.config.use_cache = False
     signals = SignalCallback()
     log = LogCallback(output_dir / LOG_NAME)
-    callbacks = [signals, log]
+    callbacks = [signals, CadenceCallback(), log]
     if recipe.adapter.method == "sorsa":
         callbacks.insert(0, SorsaCallback(layers.values(), recipe.adapter.gamma))
     if reporter:
@@ -339,12 +340,28 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
         with atomic_dir(output_dir / "adapter", overwrite=True) as staging:
             size = checkpoint.save_adapter(model, staging, meta)
         if plan.previous is not None:
-            shutil.rmtree(plan.previous, ignore_errors=True)
+            kept = remove_previous(plan.previous)
+            if kept and reporter:
+                reporter.notice(f"kept {', '.join(str(p) for p in kept)}: not made by sara train")
     return {"output_dir": str(output_dir), "adapter_dir": str(output_dir / "adapter"),
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "first_loss": next((r["loss"] for r in log.records if "loss" in r), None),
             "last_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
             "adapter_bytes": size}
+
+
+def check_targets(train_set, data_cfg) -> None:
+    """Fail when no record keeps a token to learn from (every label masked or cut off).
+
+    Raises:
+        SaraError: naming data.cutoff_len and train_on_inputs, the settings that cause it.
+    """
+    # Row by row: the first record with a target usually ends the scan.
+    if any(label != -100 for row in train_set.select_columns("labels") for label in row["labels"]):
+        return
+    raise SaraError(f"no training record keeps a response token within data.cutoff_len "
+                    f"{data_cfg.cutoff_len}, so nothing would be learned; raise data.cutoff_len, or set "
+                    "data.train_on_inputs: true")
 
 
 def plot_losses(output_dir: Path) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from sara_cli.cli import app
@@ -82,9 +85,12 @@ def problems(raw: dict) -> list[str]:
     """The problem lines of the SaraError that validate() raises for `raw`."""
     with pytest.raises(SaraError) as info:
         validate(raw, "r.yaml")
-    header, *lines = str(info.value).split("\n")
-    count = len(lines)
-    assert header == f"r.yaml has {count} problem{'s' if count > 1 else ''}:"
+    message = str(info.value)
+    if "\n" not in message:  # a single problem is one line: "r.yaml: <problem>"
+        assert message.startswith("r.yaml: "), message
+        return [message[len("r.yaml: "):]]
+    header, *lines = message.split("\n")
+    assert header == f"r.yaml has {len(lines)} problems:" and len(lines) > 1
     return [line.strip() for line in lines]
 
 
@@ -366,6 +372,60 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
 def test_bad_overrides_rejected(override, message):
     with pytest.raises(SaraError, match=re.escape(message)):
         set_override(minimal(), override)
+
+
+def test_an_override_that_is_not_yaml_names_the_override():
+    with pytest.raises(SaraError) as info:
+        set_override(minimal(), "adapter.targets=[q_proj")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "override 'adapter.targets=[q_proj'" in message and "not valid YAML" in message
+    assert "adapter.targets=[q_proj,v_proj]" in message  # the expected form
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf"])
+def test_a_non_finite_override_names_the_override_and_the_range(tmp_path, value):
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(minimal()))
+    with pytest.raises(SaraError) as info:
+        load_recipe(path, [f"adapter.tau={value}"])
+    assert str(info.value) == (f"{path}: adapter.tau: got {yaml.safe_load(value)!r} (from the override "
+                               f"adapter.tau={value}); input should be a finite number; expected a number "
+                               "with 0 < tau <= 1")
+
+
+def test_max_steps_zero_trains_nothing_and_is_refused(tmp_path):
+    raw = minimal()
+    raw["train"]["max_steps"] = 0
+    [line] = problems(raw)
+    assert line.startswith("train.max_steps: got 0, which trains nothing")
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(minimal()))
+    with pytest.raises(SaraError, match="train.max_steps: got 0"):
+        load_recipe(path, ["train.max_steps=0"])
+
+
+def test_recipe_errors_come_before_any_heavy_import(tmp_path):
+    """Missing file, YAML syntax, schema and overrides are all reported before torch loads."""
+    good = tmp_path / "good.yaml"
+    good.write_text(json.dumps(minimal()))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: {name_or_path: m\n")
+    bad_schema = tmp_path / "schema.yaml"
+    bad_schema.write_text(json.dumps(minimal(tau=2)))
+    cases = [[str(tmp_path / "nope.yaml")], [str(bad_yaml)], [str(bad_schema)],
+             [str(good), "adapter.targets=[q_proj"], [str(good), "adapter.tau=nan"],
+             [str(good), "train.report_to=wandbb"]]
+    code = ("import json, sys\n"
+            "from sara_cli.cli import main\n"
+            "for args in json.loads(sys.argv[1]):\n"
+            "    sys.argv = ['sara', 'train', *args]\n"
+            "    try:\n        main()\n    except SystemExit as exc:\n        assert exc.code == 2, exc.code\n"
+            "print('HEAVY', [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+    assert result.stderr.count("error:") == len(cases) and "Traceback" not in result.stderr
 
 
 def test_override_applies_to_a_file(tmp_path):

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from conftest import one_line_error
 import sara_cli
 from sara_cli import checkpoint, hub, rundir
+from sara_cli import recipe as recipe_module
 from sara_cli import train as train_module
 from sara_cli.adapters import SorsaLayer
 from sara_cli.cli import app
@@ -95,7 +96,9 @@ def loss_records(output_dir: Path) -> list[dict]:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the lock file's (it holds the PID of the last run)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != rundir.LOCK_NAME}
 
 
 def load_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -384,6 +387,79 @@ def test_checkpoints_without_adapter_resume_refuse_no_resume_and_other_recipes(t
     assert not list(tmp_path.glob("out.previous-*"))
 
 
+def test_overwrite_keeps_files_that_sara_train_did_not_make(tmp_path, llama_dir, data_file):
+    """A merge or eval results inside the run folder, and the user's own files, outlive --overwrite."""
+    recipe, out = finished_run(tmp_path, llama_dir, data_file)
+    (out / "merged").mkdir()
+    (out / "merged" / "model.safetensors").write_bytes(b"merged weights")
+    (out / "notes.txt").write_text("mine")
+    foreign = {k: v for k, v in snapshot(out).items() if k.startswith(("merged", "notes"))}
+    result = sara("train", recipe, "--overwrite")
+    assert result.exit_code == 0, result.output
+    (aside,) = tmp_path.glob("out.previous-*")
+    assert snapshot(aside) == foreign  # the old run's own files are gone, the others kept
+    notices = flat(result.stdout)
+    assert "merged, notes.txt (not made by sara train) will stay there" in notices
+    assert f"kept {aside / 'merged'}, {aside / 'notes.txt'}" in notices
+    assert not (out / "merged").exists() and (out / "adapter" / checkpoint.CONFIG_NAME).is_file()
+
+
+def test_resume_refuses_changed_training_settings_and_names_each(tmp_path, llama_dir, data_file):
+    recipe, out = finished_run(tmp_path, llama_dir, data_file, max_steps=4)
+    shutil.rmtree(out / "adapter")  # stopped after checkpoint-4
+    before = snapshot(out)
+    line = one_line_error(sara("train", recipe, "train.learning_rate=2.0e-2", "train.seed=8"),
+                          "train.learning_rate: 0.01 -> 0.02", "train.seed: 7 -> 8", "--overwrite",
+                          "train.output_dir")
+    assert str(out) in line
+    assert snapshot(out) == before
+
+
+def test_resume_applies_a_changed_logging_cadence_and_records_it(tmp_path, llama_dir, data_file):
+    recipe, out = finished_run(tmp_path, llama_dir, data_file, max_steps=4)
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoint-4")  # stopped after checkpoint-2
+    result = sara("train", recipe, "train.logging_steps=2")
+    assert result.exit_code == 0, result.output
+    assert "resuming from checkpoint-2" in result.stdout
+    assert [r["step"] for r in loss_records(out)] == [1, 2, 4]  # every step before, every second after
+    assert load_recipe(out / checkpoint.RECIPE_NAME).train.logging_steps == 2
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once_naming_the_holder(tmp_path, llama_dir, data_file):
+    recipe = write_recipe(tmp_path, llama_dir, data_file)
+    out = tmp_path / "out"
+    with rundir.locked(out):  # as a first run would hold it
+        result = sara("train", recipe)
+    one_line_error(result, str(out), "in use by another sara train", f"PID {os.getpid()}")
+    assert [p.name for p in out.iterdir()] == [rundir.LOCK_NAME]
+
+
+def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path, llama_dir, data_file):
+    recipe = write_recipe(tmp_path, llama_dir, data_file)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / rundir.LOCK_NAME).write_text("999999\n")  # its process is gone, and with it the flock
+    result = sara("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert (out / rundir.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, llama_dir):
+    recipe = write_recipe(tmp_path, llama_dir, tmp_path / "absent.json")
+    one_line_error(sara("train", recipe), "absent.json", stdout_empty=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cutoff_that_leaves_no_response_token_trains_nothing_and_is_refused(tmp_path, llama_dir, data_file):
+    recipe = write_recipe(tmp_path, llama_dir, data_file)
+    args = ("data.cutoff_len=8", "data.train_on_inputs=false")
+    one_line_error(sara("train", recipe, *args, "--dry-run"), "data.cutoff_len 8", "train_on_inputs",
+                   stdout_empty=False)
+    one_line_error(sara("train", recipe, *args), "data.cutoff_len 8", stdout_empty=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path, llama_dir, data_file):
     target = tmp_path / "taken"
     target.write_text("not a folder")
@@ -540,7 +616,7 @@ def test_torchrun_ddp_on_cpu_saves_the_adapter_once(tmp_path, llama_dir, data_fi
                             capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "recipe.yaml", "trainer_log.jsonl"]
+        rundir.LOCK_NAME, "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "recipe.yaml", "trainer_log.jsonl"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME]
     for name in ("checkpoint-2", "checkpoint-4"):  # each rank's RNG state made it in before the rename
         files = {p.name for p in (out / name).iterdir()}
@@ -587,7 +663,7 @@ def test_report_to_a_missing_logger_is_a_clear_error():
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
     with pytest.raises(SaraError, match="pip install wandb"):
-        train_module.check_report_to("wandb")
+        recipe_module.check_report_to("wandb")
     with pytest.raises(SaraError, match="unknown logger 'wandbb'"):
-        train_module.check_report_to(["wandbb"])
-    train_module.check_report_to("none")
+        recipe_module.check_report_to(["wandbb"])
+    recipe_module.check_report_to("none")
