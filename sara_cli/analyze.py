@@ -15,12 +15,12 @@ from typing import Callable
 
 from sara_cli import hub
 from sara_cli.errors import SaraError
+from sara_cli.names import layer_of, natural_key
 from sara_cli.spectrum import check_tau, ranks_for_taus, singular_values
 
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 # 2-D weights that are never adapter targets under all-linear.
 NON_LINEAR = re.compile(r"(embed|wte|wpe|lm_head|embed_out|output_layer|norm|ln_)", re.IGNORECASE)
-LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Analysis:
 
 
 def select_matrices(index: dict, targets: list[str]) -> list[str]:
-    """Tensor names of the targeted 2-D weights, in checkpoint order.
+    """Tensor names of the targeted 2-D weights, layers in numeric order (not the header's string order).
 
     Raises:
         SaraError: a target matches nothing; the message lists the module names present.
@@ -69,9 +69,9 @@ def select_matrices(index: dict, targets: list[str]) -> list[str]:
             if not hits:
                 present = sorted({m.split(".")[-1] for m in modules.values()})
                 raise SaraError(f"target '{t}' matches no 2-D weight; this checkpoint has: "
-                                f"{', '.join(present)} (pass --targets, e.g. --targets c_attn)")
+                                f"{', '.join(present)}; pass --targets with some of these names, or all-linear")
             chosen.extend(hits)
-    chosen = sorted(set(chosen), key=list(index).index)
+    chosen = sorted(set(chosen), key=natural_key)
     if not chosen:
         raise SaraError("no linear weights found for all-linear; name targets with --targets")
     return chosen
@@ -140,8 +140,7 @@ def analyze(model: str, taus: list[float], targets: list[str] | None = None, dev
             except ValueError:
                 raise SaraError(f"{name} contains NaN or inf values; the checkpoint is damaged") from None
             module = name[: -len(".weight")]
-            match = LAYER_INDEX.search("." + module + ".")
-            result = MatrixResult(name=module, layer=int(match.group(1)) if match else None,
+            result = MatrixResult(name=module, layer=layer_of(module),
                                   module=module.split(".")[-1], shape=tuple(W.shape),
                                   k=ranks_for_taus(s, taus), spectrum=s.cpu())
             results.append(result)
@@ -149,6 +148,7 @@ def analyze(model: str, taus: list[float], targets: list[str] | None = None, dev
                 on_matrix(result)
     if device == "cuda":
         torch.cuda.synchronize()
+    results.sort(key=lambda m: natural_key(m.name))  # iteration goes file by file
     return Analysis(model=str(model), targets=targets, taus=list(taus), total_params=total_params,
                     seconds=time.perf_counter() - started, matrices=results)
 
@@ -205,26 +205,38 @@ def mean_k_per_layer(matrices: list[MatrixResult], tau_index: int) -> dict[int, 
     return {layer: sum(ks) / len(ks) for layer, ks in sorted(layers.items())}
 
 
-def plot(analysis: Analysis, path: Path) -> None:
-    """PNG of the mean k per layer, one line per tau (the paper's Figures 2 and 8)."""
+def figure(analysis: Analysis):
+    """The figure `plot` saves: mean k per layer, one line per tau (the paper's Figures 2 and 8)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sara_cli.files import atomic_path
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for i, tau in enumerate(analysis.taus):
         per_layer = mean_k_per_layer(analysis.matrices, i)
         if per_layer:
             ax.plot(list(per_layer), list(per_layer.values()), marker="o", ms=3, label=f"tau = {tau:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel("layer")
-    ax.set_ylabel("mean k over " + ", ".join(sorted({m.module for m in analysis.matrices})))
-    ax.set_title(f"SARA rank per layer: {Path(analysis.model).name or analysis.model}")
+    ax.set_ylabel("mean k")
+    modules = ", ".join(sorted({m.module for m in analysis.matrices}))
+    ax.set_title(f"SARA rank per layer: {Path(analysis.model).name or analysis.model}\n"
+                 f"mean over {modules}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(analysis: Analysis, path: Path) -> None:
+    """Write `figure(analysis)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    from sara_cli.files import atomic_path
+
+    fig = figure(analysis)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

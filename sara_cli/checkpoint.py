@@ -7,12 +7,11 @@ keyed `<module path>.<tensor name>` (e.g. `model.layers.0.self_attn.q_proj.sara_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sara_cli import __version__, hub
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_path, write_json
+from sara_cli.files import atomic_path, read_json, write_json
 
 CONFIG_NAME = "sara_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -115,15 +114,43 @@ def find_adapter_dir(path: Path | str) -> Path:
 
 
 def read_config(adapter_dir: Path) -> dict:
-    return json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
+    """sara_config.json of an adapter folder.
+
+    Raises:
+        SaraError: the file is damaged, or lacks the fields every adapter has.
+    """
+    path = Path(adapter_dir) / CONFIG_NAME
+    config = read_json(path, "it was written by sara train; restore it from the run or train again")
+    missing = [k for k in ("method", "options", "targets", "ranks", "base_model")
+               if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise SaraError(f"{path} is not a sara adapter config (no '{missing[0]}'); restore it from the "
+                        "run or train again")
+    return config
+
+
+def load_safetensors(path: Path) -> dict:
+    """All tensors of a safetensors file, on the CPU.
+
+    Raises:
+        SaraError: the file is not safetensors or was cut short (named, with what to do).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    hub.read_header(Path(path))  # a damaged file is named here, before the library reads it
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise SaraError(f"{path} cannot be read ({str(exc).splitlines()[0]}); re-download or "
+                        "re-save it") from None
 
 
 def load_adapter_tensors(model, adapter_dir: Path, trainable_only: bool = False) -> None:
     """Copy saved adapter tensors into the adapter layers of `model` (shapes must match)."""
     import torch
-    from safetensors.torch import load_file
 
-    state = load_file(str(Path(adapter_dir) / WEIGHTS_NAME))
+    state = load_safetensors(Path(adapter_dir) / WEIGHTS_NAME)
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for key, value in state.items():

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sara_cli import __version__
 from sara_cli.errors import SaraError
@@ -49,7 +50,8 @@ def command(func=None, *, name: str | None = None):
             label = getattr(exc, "label", "error")
             if label == "error" or os.environ.get("RANK", "0") == "0":  # a clean stop: say it once
                 colour = "red" if label == "error" else "yellow"
-                err_console.print(f"[bold {colour}]{label}:[/] {exc}", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold {colour}]{label}:[/] {escape(str(exc))}", highlight=False,
+                                  soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -57,7 +59,7 @@ def command(func=None, *, name: str | None = None):
         except Exception as exc:
             if DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} "
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} "
                               "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -136,6 +138,11 @@ def analyze(
         raise SaraError(f"--experts must be at least 1, got {experts}")
     if match_lora_rank is not None and match_lora_rank < 1:
         raise SaraError(f"--match-lora-rank must be at least 1, got {match_lora_rank}")
+    from sara_cli.files import check_output_file
+
+    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            check_output_file(path, flag)  # before the spectra, which can take minutes
     taus = tau or [0.5]
     with matrix_progress(console) as (on_start, on_matrix):
         result = core.analyze(model, taus, parse_targets(targets), device, on_start, on_matrix)
@@ -144,10 +151,10 @@ def analyze(
         from sara_cli.files import write_json
 
         write_json(json_path, result.to_json())
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", markup=False)
     if plot_path is not None:
         core.plot(result, plot_path)
-        console.print(f"wrote {plot_path}")
+        console.print(f"wrote {plot_path}", markup=False)
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -240,7 +247,7 @@ def eval_command(
             from sara_cli.files import write_json
 
             write_json(json_path, {k: v for k, v in result.items()})
-            console.print(f"wrote {json_path}")
+            console.print(f"wrote {json_path}", markup=False)
         return
     if model is None:
         raise SaraError("give a MODEL (merged checkpoint, run folder or base model), or --score FILE")
@@ -261,7 +268,7 @@ def eval_command(
             from sara_cli.files import write_json
 
             write_json(json_path, result)
-            console.print(f"wrote {json_path}")
+            console.print(f"wrote {json_path}", markup=False)
         return
     if data is not None:
         raise SaraError("--data goes with --task loss; for benchmarks name tasks or test files in --task")
@@ -281,7 +288,7 @@ def eval_command(
     out = out or Path("eval-results") / f"{name}-{protocol}"
     summary = evaluate.write_results(out, results, protocol, description, time.perf_counter() - started)
     eval_table(console, results, summary, protocol)
-    console.print(f"wrote {out}/summary.json and one <task>.jsonl per task")
+    console.print(f"wrote {out}/summary.json and one <task>.jsonl per task", markup=False)
 
 
 def _one_task(chosen):
@@ -301,15 +308,16 @@ def route_map(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with <Dataset>/test.json; default: bundled copies."),
     modules: Optional[str] = typer.Option(None, "--modules", help="Module types to map, e.g. q_proj,v_proj; default all."),
     tokens: str = typer.Option("prompt", "--tokens", help="prompt (first forward pass, as the paper) or all."),
-    out: Path = typer.Option(Path("route-map"), "--out", help="Folder for route-map.png/.json/.csv."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for route-map.png/.json/.csv; default RUN/route-map."),
 ) -> None:
     """Mo-SARA routing heatmaps: mean gate per layer and expert, per task."""
     from sara_cli.cli_views import route_map_view
-    from sara_cli.routing import route_map as compute, write_outputs
+    from sara_cli.routing import output_folder, route_map as compute, write_outputs
 
+    out = output_folder(path, out)  # checked before any work
     with console.status("routing"):
         result = compute(path, task, data, limit, data_dir,
                          [m.strip() for m in modules.split(",")] if modules else None, tokens)
         write_outputs(result, out)
     route_map_view(console, result)
-    console.print(f"wrote {out}/route-map.png, route-map.json, route-map.csv")
+    console.print(f"wrote {out}/route-map.png, route-map.json, route-map.csv", highlight=False, markup=False)

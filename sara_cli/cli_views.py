@@ -77,25 +77,24 @@ class TrainReporter:
         self.console = console
 
     def notice(self, message: str) -> None:
-        self.console.print(f"[yellow]notice:[/] {message}", highlight=False)
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]notice:[/] {escape(message)}", highlight=False)
 
     def built(self, recipe, model, layers) -> None:
         from sara_cli.inject import parameter_line
+        from sara_cli.names import by_layer
 
         if int(os.environ.get("RANK", "0")) != 0:
             return
         rank_name = "k" if recipe.adapter.method in ("sara", "mosara") else "r"
-        modules = sorted({name.split(".")[-1] for name in layers})
-        per_layer: dict[str, dict[str, int]] = {}
-        for name, layer in layers.items():
-            prefix, _, module = name.rpartition(".")
-            per_layer.setdefault(prefix, {})[module] = layer.rank()
+        columns, rows = by_layer(list(layers))
         table = Table(title=f"{recipe.adapter.method} adapters: {rank_name} per module", title_justify="left")
-        table.add_column("layer")
-        for module in modules:
-            table.add_column(module, justify="right")
-        for prefix, ranks in per_layer.items():
-            table.add_row(prefix, *[str(ranks.get(m, "-")) for m in modules])
+        table.add_column("layer", justify="right")
+        for column in columns:
+            table.add_column(column, justify="right")
+        for layer, modules in rows.items():
+            table.add_row(layer, *[str(layers[modules[c]].rank()) if c in modules else "-" for c in columns])
         self.console.print(table)
         self.console.print(parameter_line(model))
 

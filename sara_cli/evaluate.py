@@ -70,7 +70,8 @@ def load_model(reference: str, device: str | None = None):
                 layer.merge()
         return model, tokenizer, f"{config['method']} adapter {adapter_dir}", config
     model_dir = hub.resolve_model_dir(reference)
-    hub.weight_files(model_dir)
+    hub.load_config(model_dir)
+    hub.tensor_index(model_dir)  # names a missing or damaged weight file before transformers reads it
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     return model, checkpoint.load_tokenizer(model_dir), str(reference), None

@@ -57,6 +57,29 @@ def check_writable(path: Path, label: str) -> None:
                         "or choose another folder")
 
 
+def check_output_file(path: Path, flag: str) -> None:
+    """Fail before any work when output file `path` (given as `flag`) cannot be written.
+
+    Raises:
+        SaraError: `path` is a folder, or its folder cannot be created or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SaraError(f"{flag} {path} is a folder; give a file path")
+    check_writable(path.parent, flag)
+
+
+def read_json(path: Path | str, fix: str = "re-download it or fix the file"):
+    """Parse a JSON file; a damaged one is a SaraError naming the file, the line and `fix`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SaraError(f"{path} is not a JSON text file (it holds non-UTF-8 bytes); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise SaraError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
+
+
 def write_json(path: Path | str, data) -> None:
     """Write JSON atomically."""
     with atomic_path(path) as tmp:

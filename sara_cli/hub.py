@@ -14,6 +14,10 @@ from typing import Iterator
 
 from sara_cli import builtin
 from sara_cli.errors import SaraError
+from sara_cli.files import read_json
+
+# A safetensors header is JSON of a few hundred bytes per tensor; anything near this is damage.
+MAX_HEADER_BYTES = 100_000_000
 
 # Model types whose linear layers are transformers' Conv1D: weights stored as (in, out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
@@ -58,7 +62,15 @@ def weight_files(model_dir: Path) -> list[Path]:
     """
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        content = read_json(index, "re-download the checkpoint or re-save it")
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise SaraError(f"{index} has no weight_map; re-download the checkpoint or re-save it")
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise SaraError(f"{model_dir} lacks {missing[0]}, which {index.name} lists; the download is "
+                            "incomplete: re-download the checkpoint")
         return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
@@ -70,11 +82,34 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def read_header(path: Path) -> dict:
-    """The safetensors JSON header of one file: {name: {dtype, shape, data_offsets}}."""
+    """The safetensors JSON header of one file: {name: {dtype, shape, data_offsets}}.
+
+    Raises:
+        SaraError: not a safetensors file, or cut short (the header's tensors end past the file).
+    """
+    damaged = SaraError(f"{path} is not a safetensors file, or it was cut short; re-download or "
+                        "re-save it")
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+        start = f.read(8)
+        if len(start) < 8:
+            raise damaged
+        (length,) = struct.unpack("<Q", start)
+        if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+            raise damaged
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            raise damaged from None
+    if not isinstance(header, dict):
+        raise damaged
     header.pop("__metadata__", None)
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise damaged from None
+    if 8 + length + end > size:
+        raise damaged
     return header
 
 
@@ -91,7 +126,10 @@ def load_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise SaraError(f"{model_dir} has no config.json; give a Hugging Face checkpoint folder")
-    return json.loads(path.read_text())
+    config = read_json(path, "re-download the checkpoint or fix the file")
+    if not isinstance(config, dict):
+        raise SaraError(f"{path} is not a model config (a JSON object); re-download the checkpoint")
+    return config
 
 
 def is_conv1d_checkpoint(config: dict) -> bool:

@@ -78,9 +78,7 @@ def factors(method: str, options: dict, t: dict, mean_gate=None):
 
 def grouped_tensors(adapter_dir: Path, modules: list[str]) -> dict[str, dict]:
     """{module: {tensor name: fp32 tensor}} from adapter_model.safetensors."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(adapter_dir / checkpoint.WEIGHTS_NAME))
+    state = checkpoint.load_safetensors(adapter_dir / checkpoint.WEIGHTS_NAME)
     grouped: dict[str, dict] = {m: {} for m in modules}
     for key, value in state.items():
         module, _, name = key.rpartition(".")
@@ -298,6 +296,25 @@ def check_options(method: str, routing: str, calibration: str | None, fmt: str, 
                         "file of instruction records or builtin:mawps-quickstart")
 
 
+def check_fingerprint(base_ref: str, base_dir: Path, recorded: dict, given: bool) -> None:
+    """Refuse a base whose weights are not the ones the adapter was trained on.
+
+    Raises:
+        SaraError: naming whether the recorded base's weights changed since training, or
+            --base names another model.
+    """
+    now = hub.fingerprint(base_dir)
+    if now == recorded["fingerprint"]:
+        return
+    trained_on = recorded.get("name_or_path")
+    if not given or base_ref == trained_on:
+        raise SaraError(f"the weights of base {base_ref} changed since the adapter was trained on it "
+                        f"(fingerprint {now}, recorded {recorded['fingerprint']}); restore the original "
+                        "weights, give them with --base, or pass --force to merge anyway")
+    raise SaraError(f"--base {base_ref} is not the model this adapter was trained on ({trained_on}): its "
+                    f"fingerprint is {now}, not {recorded['fingerprint']}; pass --force to merge anyway")
+
+
 def peak_memory_mb() -> float:
     """This process's peak resident memory: VmHWM on Linux (ru_maxrss can report a parent's
     size for a child started from a large process), else ru_maxrss."""
@@ -346,10 +363,8 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
     base_config = hub.load_config(base_dir)
     hub.check_not_quantized(base_dir, base_config)
     recorded = config["base_model"].get("fingerprint")
-    if recorded and hub.fingerprint(base_dir) != recorded and not force:
-        raise SaraError(f"base {base_ref} does not match the model this adapter was trained on "
-                        f"({config['base_model']['name_or_path']}, fingerprint {recorded}); pass --force "
-                        "to merge anyway")
+    if recorded and not force:
+        check_fingerprint(base_ref, base_dir, config["base_model"], bool(base))
     out_dtype, dtype_name = output_dtype(dtype, base_dir)
     report = MergeReport(out=out, method=method, format=fmt)
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sara_cli import checkpoint
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_path, write_json
+from sara_cli.names import layer_of
 
-LAYER = re.compile(r"\.(\d+)\.")
 
 
 @dataclass
@@ -58,8 +57,7 @@ def summarize(gates: dict, modules: list[str] | None) -> dict[str, ModuleMap]:
         module = name.split(".")[-1]
         if modules and module not in modules:
             continue
-        match = LAYER.search("." + name + ".")
-        grouped.setdefault(module, []).append((int(match.group(1)) if match else 0, g))
+        grouped.setdefault(module, []).append((layer_of(name) or 0, g))
     result = {}
     for module, items in sorted(grouped.items()):
         items.sort(key=lambda item: item[0])
@@ -154,6 +152,30 @@ def load_sources(task_spec: str | None, data: str | None, limit: int | None,
     return {Path(data).stem if ":" not in data else data.split(":", 1)[1]: records}
 
 
+def output_folder(path: Path, out: Path | None) -> Path:
+    """Where route-map writes: `out`, or the run's own folder (RUN/route-map) by default.
+
+    Raises:
+        SaraError: `out` is a file or cannot be created (before any work is done).
+    """
+    from sara_cli.files import check_writable
+
+    if out is None:
+        from sara_cli.rundir import CHECKPOINT
+
+        adapter_dir = checkpoint.find_adapter_dir(path)
+        if adapter_dir.name == "adapter":
+            out = adapter_dir.parent / "route-map"
+        elif CHECKPOINT.match(adapter_dir.name):  # not inside it: old checkpoints are deleted
+            out = adapter_dir.parent / f"route-map-{adapter_dir.name}"
+        else:
+            out = adapter_dir / "route-map"
+    if out.exists() and not out.is_dir():
+        raise SaraError(f"--out {out} is a file; give a folder for route-map.png, .json and .csv")
+    check_writable(out, "--out")
+    return out
+
+
 def write_outputs(result: RouteMap, out: Path) -> None:
     """route-map.json, route-map.csv and route-map.png in `out`."""
     write_json(out / "route-map.json", result.to_json())
@@ -169,8 +191,14 @@ def write_outputs(result: RouteMap, out: Path) -> None:
     plot(result, out / "route-map.png")
 
 
+PANEL_COLUMNS = 4  # at most this many panels side by side, so the figure fits a laptop screen
+
+
 def plot(result: RouteMap, path: Path) -> None:
-    """One heatmap panel per (task, module): rows layers, columns experts, shared colour scale."""
+    """One heatmap panel per (task, module): rows layers, columns experts, shared colour scale.
+
+    Panels are laid out in a grid of at most PANEL_COLUMNS columns; each task starts a new row.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,33 +206,39 @@ def plot(result: RouteMap, path: Path) -> None:
 
     panels = [(task, module, m) for task, modules in result.maps.items() for module, m in modules.items()]
     n_modules = max(len(modules) for modules in result.maps.values())
-    n_tasks = len(result.maps)
+    columns = min(n_modules, PANEL_COLUMNS)
+    rows_per_task = -(-n_modules // columns)
+    n_rows = rows_per_task * len(result.maps)
     n_layers = max(len(m.layers) for _, _, m in panels)
     vmax = max(max(max(row) for row in m.mean_gate) for _, _, m in panels)
-    height = 1.0 + 0.2 * n_layers
-    fig_height = 0.6 + height * n_tasks
-    fig, axes = plt.subplots(n_tasks, n_modules, squeeze=False, dpi=120, layout="constrained",
-                             figsize=(1.2 + 1.9 * n_modules + 0.8, fig_height))
+    panel_height = 1.0 + 0.12 * n_layers
+    fig_height = 0.6 + panel_height * n_rows
+    fig, axes = plt.subplots(n_rows, columns, squeeze=False, dpi=120, layout="constrained",
+                             figsize=(1.2 + 1.9 * columns + 0.8, fig_height))
+    for ax in axes.flat:
+        ax.axis("off")
     image = None
-    for i, (task, modules) in enumerate(result.maps.items()):
-        for j in range(n_modules):
-            ax = axes[i][j]
-            if j >= len(modules):
-                ax.axis("off")
-                continue
-            module, m = list(modules.items())[j]
+    several = len(result.maps) > 1
+    for t, (task, modules) in enumerate(result.maps.items()):
+        for j, (module, m) in enumerate(modules.items()):
+            row, column = t * rows_per_task + j // columns, j % columns
+            ax = axes[row][column]
+            ax.axis("on")
             image = ax.imshow(m.mean_gate, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
                               interpolation="nearest")
-            ax.set_title(module, fontsize=9)
+            ax.set_title(f"{task} / {module}" if several else module, fontsize=9)
             ax.set_xlabel("expert", fontsize=8)
             ax.set_xticks(range(result.experts))
             ax.tick_params(labelsize=7)
             step = max(1, len(m.layers) // 16)
             ax.set_yticks(range(0, len(m.layers), step))
             ax.set_yticklabels([str(m.layers[k]) for k in range(0, len(m.layers), step)])
-            if j == 0:
-                ax.set_ylabel(f"{task}\nlayer", fontsize=9)
-    fig.suptitle(f"Mo-SARA mean gate per layer and expert ({result.tokens} tokens)", fontsize=10)
+            if column == 0:
+                ax.set_ylabel("layer", fontsize=9)
+    title = "Mo-SARA mean gate per layer and expert"
+    if not several:
+        title += f": {next(iter(result.maps))}"
+    fig.suptitle(f"{title} ({result.tokens} tokens)", fontsize=10)
     # matplotlib sizes a colour bar as length / aspect: fix its width near 0.15 in, or a tall
     # figure (many layers or tasks) gets a bar wider than a panel.
     fig.colorbar(image, ax=axes, shrink=0.9, aspect=max(10.0, 0.9 * fig_height / 0.15), label="mean gate")

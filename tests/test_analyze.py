@@ -191,6 +191,42 @@ def test_plot_writes_png(llama_dir, tmp_path, no_debug):
     assert width > 100 and height > 100
 
 
+@pytest.fixture(scope="module")
+def deep_llama_dir(tmp_path_factory) -> Path:
+    """12 layers: as strings, layers 10 and 11 sort between 1 and 2."""
+    from conftest import _save
+
+    return _save(tiny_llama(num_hidden_layers=12, hidden_size=32, intermediate_size=48,
+                            num_attention_heads=2, num_key_value_heads=1),
+                 tmp_path_factory.mktemp("deep-llama"))
+
+
+def test_layers_are_listed_in_numeric_order(deep_llama_dir, tmp_path, no_debug):
+    out = tmp_path / "k.json"
+    result = run("analyze", deep_llama_dir, "--json", out)
+    assert result.exit_code == 0, result.output
+    expected = [f"model.layers.{i}.self_attn.{m}" for i in range(12) for m in ("q_proj", "v_proj")]
+    assert [m["name"] for m in json.loads(out.read_text())["matrices"]] == expected
+    rows = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("│") and "_proj" in line]
+    assert rows == [str(i) for i in range(12) for _ in range(2)]
+
+
+def test_plot_has_whole_layer_ticks_and_a_label_inside_the_figure(llama_dir, no_debug):
+    from sara_cli.analyze import analyze, figure
+
+    # Two layers: matplotlib's own ticks would be 0, 0.2, ..., 1; seven modules: a long label.
+    fig = figure(analyze(str(llama_dir), [0.1, 0.5], ["all-linear"], "cpu"))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    renderer = fig.canvas.get_renderer()
+    frame = fig.bbox
+    for text in (ax.yaxis.label, ax.xaxis.label, ax.title):
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text
+
+
 def test_table_lists_modules_and_summary(llama_dir, no_debug):
     taus, experts = [0.1, 0.5], 3
     result = run("analyze", llama_dir, "--tau", "0.1", "--tau", "0.5", "--experts", str(experts))

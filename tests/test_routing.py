@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,44 @@ def test_route_map_tasks_and_module_filter(mosara_run, tmp_path):
     assert {task: list(modules) for task, modules in saved["tasks"].items()} == {"svamp": ["v_proj"],
                                                                                  "boolq": ["v_proj"]}
     assert_csv_matches_json(saved, rows)
+
+
+def test_route_map_writes_into_the_run_folder_by_default(mosara_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current folder
+    result = run_cli("route-map", mosara_run, "--task", "svamp", "--limit", 2)
+    assert result.exit_code == 0, result.output
+    assert (mosara_run / "route-map" / "route-map.json").is_file()
+    assert f"wrote {mosara_run / 'route-map'}/route-map.png" in " ".join(result.stdout.split())
+    assert list(tmp_path.iterdir()) == []
+    result = run_cli("route-map", mosara_run / "adapter", "--task", "svamp", "--limit", 2)  # the adapter folder
+    assert result.exit_code == 0 and list(tmp_path.iterdir()) == []
+    shutil.rmtree(mosara_run / "route-map")
+
+
+def test_an_out_that_is_a_file_fails_before_any_work(mosara_run, tmp_path, monkeypatch):
+    import sara_cli.routing as routing
+
+    target = tmp_path / "map.png"
+    target.write_bytes(b"mine")
+    monkeypatch.setattr(routing, "route_map", lambda *a, **k: pytest.fail("the model was run"))
+    one_line_error(run_cli("route-map", mosara_run, "--task", "svamp", "--out", target), str(target), "is a file")
+    assert target.read_bytes() == b"mine"
+
+
+def test_many_modules_are_laid_out_in_a_grid(tmp_path):
+    """All-linear Llama: seven panels in rows of at most four, not one 1845 px strip."""
+    from PIL import Image
+
+    from sara_cli.routing import PANEL_COLUMNS, ModuleMap, RouteMap, plot
+
+    result = RouteMap(model="m", tokens="prompt", experts=5)
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    result.maps["gsm8k"] = {m: ModuleMap(list(range(4)), [[0.2] * 5] * 4, [1.0] * 4, [0] * 4, [0.2] * 4,
+                                          [0.2] * 4, 10) for m in modules}
+    plot(result, tmp_path / "map.png")
+    with Image.open(tmp_path / "map.png") as image:
+        width, height = image.size
+    assert PANEL_COLUMNS == 4 and width <= 1400 and 1.5 <= width / height <= 3, (width, height)
 
 
 def forced_base(tmp_path: Path) -> Path:

@@ -135,9 +135,11 @@ def test_dry_run_prints_recipe_ranks_and_parameters_and_trains_nothing(tmp_path,
     out = result.stdout
     assert "method: sara" in out and "tau: 0.5" in out and "output_dir:" in out  # the resolved recipe
     model, _, layers, _ = train_module.build(load_recipe(recipe))
+    header = next(line for line in out.splitlines() if "layer" in line and "q_proj" in line)
+    assert header.split()[1:-1:2] == ["layer", *TARGETS]  # ┃ layer ┃ q_proj ┃ v_proj ┃
     for index in range(2):  # the rank table: one row per layer, k per module
-        row = next(line for line in out.splitlines() if f"model.layers.{index}.self_attn" in line)
-        ranks = [int(n) for n in re.findall(r"\d+", row.split("self_attn", 1)[1])]
+        row = next(line for line in out.splitlines() if line.split()[:2] == ["│", str(index)])
+        ranks = [int(n) for n in row.split()[3::2]]
         assert ranks == [layers[f"model.layers.{index}.self_attn.{m}"].rank() for m in TARGETS]
     match = PARAMETER_LINE.search(out)
     assert match, out
@@ -149,6 +151,24 @@ def test_dry_run_prints_recipe_ranks_and_parameters_and_trains_nothing(tmp_path,
     assert float(match.group(3)) == pytest.approx(100 * trainable / total, abs=1e-4)
     assert "nothing trained" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_the_rank_table_reads_at_80_columns_with_all_linear(tmp_path, llama_dir, data_file):
+    from rich.console import Console
+
+    from sara_cli.cli_views import TrainReporter
+
+    recipe = load_recipe(write_recipe(tmp_path, llama_dir, data_file, "lora", adapter={"targets": "all-linear"}))
+    model, _, layers, _ = train_module.build(recipe)
+    console = Console(width=80, record=True, color_system=None)
+    TrainReporter(console).built(recipe, model, layers)
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    header = next(line for line in text.splitlines() if "layer" in line)
+    assert header.split()[1:-1:2] == ["layer", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"]
+    rows = [line.split() for line in text.splitlines() if line.startswith("│")]
+    assert [row[1] for row in rows] == ["0", "1"] and all(row[3::2][:7] == ["4"] * 7 for row in rows)
 
 
 # -- 2 and 3. one short run per method, and the adapter round trip ----------------------------------
