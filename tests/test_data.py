@@ -166,7 +166,8 @@ def test_chat_tokens_and_mask(tokenizer):
     row = Tokenize(tokenizer, "chat", 256, False)(record)
     prompt = "<s>user\nAdd 2 and 3.</s>\n<s>assistant\n"
     full = tokenizer(prompt + "5</s>\n", add_special_tokens=False)["input_ids"]
-    assert row["input_ids"] == full + [tokenizer.eos_token_id]  # the template writes its own <s>
+    # The template writes its own <s>, and its own </s> (EOS) ending the turn: nothing is added.
+    assert row["input_ids"] == full
     assert row["input_ids"][:2] != [tokenizer.bos_token_id] * 2
     prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert row["labels"] == [-100] * prompt_len + row["input_ids"][prompt_len:]
