@@ -93,7 +93,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        digest.update(backend.to_str().encode())
+        state = json.loads(backend.to_str())
+        for setting in ("truncation", "padding"):  # set by each call, not part of the vocabulary
+            state.pop(setting, None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
     else:
         from datasets.fingerprint import Hasher
 
