@@ -703,3 +703,31 @@ def test_mixed_formats_train_packed(tmp_path, llama_dir):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert sum("eval_loss" in r for r in log) == 2 and all(math.isfinite(r["eval_loss"]) for r in log if "eval_loss" in r)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_chat_recipe_dry_runs_on_local_files_of_the_same_shape(tmp_path, llama_dir):
+    """recipes/qwen2.5-0.5b-chat-sara.yaml with the tiny Llama, and UltraChat- and OpenHermes-
+    shaped local files (their columns, keys and role names) in place of the hub datasets."""
+    import yaml
+
+    from conftest import run_cli
+
+    recipe = ASSETS.parents[1] / "recipes" / "qwen2.5-0.5b-chat-sara.yaml"
+    data = yaml.safe_load(recipe.read_text())["data"]
+    ultrachat = write_json(tmp_path / "ultrachat.json", [
+        {"prompt": "hi", "prompt_id": str(i), "messages": CONVERSATION[1:]} for i in range(6)])
+    hermes = write_json(tmp_path / "hermes.json", [
+        {"conversations": [{"from": m["from"], "value": m["value"], "weight": None} for m in SHAREGPT["conversations"]]}
+        for _ in range(8)])
+    local = {"HuggingFaceH4/ultrachat_200k": str(ultrachat), "teknium/OpenHermes-2.5": str(hermes)}
+    train_files = [{**f, "path": local[f["path"]], "split": None} for f in data["train_file"]]
+    eval_files = [{**f, "path": local[f["path"]], "split": None} for f in data["eval_file"]]
+    result = run_cli("train", recipe, f"model.name_or_path={llama_dir}", "model.dtype=float32", "train.bf16=false",
+                     f"train.output_dir={tmp_path / 'out'}", "data.cutoff_len=128",
+                     f"data.train_file={json.dumps(train_files)}", f"data.eval_file={json.dumps(eval_files)}",
+                     "--dry-run")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    # UltraChat: its first 6 (of limit 20,000); OpenHermes: half of its 8 (weight 0.5).
+    assert f"mix (train): {ultrachat} 6, {hermes} 4" in text and "data (eval): 6 records" in text
+    assert "packed into" in text and "nothing trained" in text
