@@ -162,6 +162,9 @@ def tokenize_split(loaded: Loaded, data_cfg, tokenizer, seed: int) -> Prepared:
     if evaluation:
         eval_set = _weighted(eval_set, loaded.evaluation, seed)
     stats = {"train": _stats(train_set, loaded.train)}
+    if stats["train"].targets == 0:
+        raise SaraError(f"no training record keeps a target token within data.cutoff_len {data_cfg.cutoff_len}, "
+                        "so nothing would be learned; raise data.cutoff_len, or set data.train_on_inputs: true")
     if eval_set is not None:
         stats["eval"] = _stats(eval_set, eval_sources)
     train_set = _finish(train_set, data_cfg, stats["train"])

@@ -190,7 +190,8 @@ def detect_format(dataset, fmt: str = "auto") -> str:
     field = next((f for f in CONVERSATION_FIELDS if f in dataset.column_names), None)
     if field is None:
         return "instruction"
-    first = next((m for c in dataset[field][:1] if isinstance(c, list) for m in c[:1]), None)
+    value = dataset[0][field] if len(dataset) else None  # one row, not the whole column
+    first = value[0] if isinstance(value, list) and value else None
     return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"
 
 
@@ -286,12 +287,14 @@ def check_records(dataset, template: str, source: str, fmt: str = "auto", tags: 
                         "render them: set data.template: chat")
     columns = [c for c in (*CONVERSATION_FIELDS, "system", "history", "instruction", "input", "output")
                if c in dataset.column_names]
-    for i, values in enumerate(zip(*(dataset[c] for c in columns))):
-        record = dict(zip(columns, values))
-        try:
-            messages = conversation(record, fmt, tags)
-        except ValueError as exc:
-            raise SaraError(f"{source}: record {i} {exc}") from None
-        if messages is not None and not any(m["role"] == "assistant" for m in messages):
-            raise SaraError(f"{source}: record {i} has no assistant message, so nothing to learn; "
-                            "remove it or add the reply")
+    i = 0
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):  # not all conversations at once
+        for values in zip(*(batch[c] for c in columns)):
+            try:
+                messages = conversation(dict(zip(columns, values)), fmt, tags)
+            except ValueError as exc:
+                raise SaraError(f"{source}: record {i} {exc}") from None
+            if messages is not None and not any(m["role"] == "assistant" for m in messages):
+                raise SaraError(f"{source}: record {i} has no assistant message, so nothing to learn; "
+                                "remove it or add the reply")
+            i += 1

@@ -731,3 +731,9 @@ def test_chat_recipe_dry_runs_on_local_files_of_the_same_shape(tmp_path, llama_d
     # UltraChat: its first 6 (of limit 20,000); OpenHermes: half of its 8 (weight 0.5).
     assert f"mix (train): {ultrachat} 6, {hermes} 4" in text and "data (eval): 6 records" in text
     assert "packed into" in text and "nothing trained" in text
+
+
+def test_nothing_to_learn_is_an_error(tmp_path, tokenizer):
+    path = write_json(tmp_path / "long.json", records(3))
+    with pytest.raises(SaraError, match=r"no training record keeps a target token within data\.cutoff_len 8"):
+        prepare(DataSection(train_file=str(path), cutoff_len=8, train_on_inputs=False), tokenizer, seed=0)
