@@ -145,6 +145,10 @@ def tokenize_split(loaded: Loaded, data_cfg, tokenizer, seed: int) -> Prepared:
     Returns:
         Prepared: train and eval sets with input_ids/attention_mask/labels (packed datasets
         when data.packing), and their Stats.
+
+    Raises:
+        SaraError: a record the chat template refuses or whose turns cannot be found (naming
+            the file and record), or no target token in any training record.
     """
     from datasets import concatenate_datasets
 

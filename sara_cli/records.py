@@ -10,6 +10,7 @@ Three formats reach the templates in one of two shapes:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from contextlib import contextmanager
@@ -35,6 +36,14 @@ MESSAGE_KEYS = {"sharegpt": ("from", "value"), "messages": ("role", "content")}
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes: the key of its cached Arrow copy and of its tokenized cache."""
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    """Read once per process and version of the file (loading and tokenizing both need it). Any
+    write changes ctime, which, unlike mtime, cannot be set back."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -117,6 +126,8 @@ def diagnose(path: Path) -> str | None:
     are not UTF-8, JSON that does not parse, a JSON list with no records. None if no such fault."""
     import json
 
+    if path.suffix not in (".json", ".jsonl", ".csv"):
+        return None  # Parquet is binary; its reader's own message says what is wrong
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
