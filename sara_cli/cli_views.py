@@ -98,6 +98,20 @@ class TrainReporter:
         self.console.print(table)
         self.console.print(parameter_line(model))
 
+    def data(self, stats: dict, data_cfg) -> None:
+        """One line per split: records, tokens, truncation, target share; the mix; packing."""
+        for split, s in stats.items():
+            line = (f"data ({split}): {s.records:,d} records, {s.tokens:,d} tokens, "
+                    f"{s.truncated / max(s.records, 1):.1%} of records truncated at cutoff_len {data_cfg.cutoff_len}, "
+                    f"{s.targets / max(s.tokens, 1):.1%} of tokens are targets")
+            if s.packs is not None:
+                line += (f"; packed into {s.packs:,d} sequences, "
+                         f"{s.tokens / max(s.packs * data_cfg.cutoff_len, 1):.1%} full")
+            self.console.print(line, highlight=False, markup=False)
+            if len(s.files) > 1:
+                mix = ", ".join(f"{name} {count:,d}" for name, count in s.files.items())
+                self.console.print(f"  mix ({split}): {mix}", highlight=False, markup=False)
+
     def progress_callback(self):
         return rich_progress_callback(self.console)
 

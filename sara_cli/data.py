@@ -1,219 +1,233 @@
-"""Records -> prompts -> tokens.
+"""A recipe's data section -> tokenized train and eval sets, with statistics.
 
-Records are instruction records (`instruction`, `input`, `output`, the LLM-Adapters format) read
-with the `datasets` library from JSON/JSONL/CSV/Parquet files, `builtin:` data, or the hub.
+Each file (one, or a list with its own format, columns, template, limit and weight) is loaded and
+checked before the model loads (`load_split`), so bad data fails fast. Once the tokenizer is
+there (`tokenize_split`), each file is tokenized into the `datasets` cache under a key of its
+contents, settings, tokenizer and sara's tokenization code, so a resume or a second run reads
+the tokens back instead of tokenizing again. Then the files are mixed: a validation split is
+held out of their union (before weights, so no record lands on both sides), each file's records
+are repeated or subsampled by its weight under the seed, and with packing the records are
+grouped into sequences of cutoff_len tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sara_cli import builtin
 from sara_cli.errors import SaraError
+from sara_cli.prompts import Tokenize, alpaca_prompt, plain_prompt, record_texts  # noqa: F401 (re-exported)
+from sara_cli.records import (FILE_BUILDERS, REQUIRED_FIELDS, check_data_reference,  # noqa: F401
+                              check_records, detect_format, file_digest, load_records)
 
-# The LLM-Adapters training prompt (finetune.py, generate_prompt), whitespace included:
-# every line after the preamble is indented by 16 spaces, with a line of 16 spaces between
-# blocks. Upstream's preambles end in two spaces (no input) and one space (with input): those
-# are what is left of a `# noqa: E501` that an earlier version had inside the string.
-INDENT = " " * 16
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.  \n\n")
-ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                         "provides further context. Write a response that appropriately completes "
-                         "the request. \n\n")
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
+STATS_COLUMNS = ["num_tokens", "truncated", "num_targets"]
 
 
-def alpaca_prompt(instruction: str, input_text: str = "", output: str = "") -> str:
-    """The LLM-Adapters training prompt; with output="" it is the prompt part alone."""
-    if input_text:
-        return (f"{ALPACA_PREAMBLE_INPUT}{INDENT}### Instruction:\n{INDENT}{instruction}\n{INDENT}\n"
-                f"{INDENT}### Input:\n{INDENT}{input_text}\n{INDENT}\n"
-                f"{INDENT}### Response:\n{INDENT}{output}")
-    return (f"{ALPACA_PREAMBLE}{INDENT}### Instruction:\n{INDENT}{instruction}\n{INDENT}\n"
-            f"{INDENT}### Response:\n{INDENT}{output}")
+@dataclass
+class Source:
+    """One file of the data section, loaded and checked (records are untokenized)."""
+
+    entry: object  # recipe.DataFile, every setting filled in
+    records: object  # datasets.Dataset
+    format: str
 
 
-def plain_prompt(instruction: str, input_text: str = "", output: str = "") -> str:
-    """Instruction, optional input, then the output, separated by newlines."""
-    prompt = instruction + (f"\n{input_text}" if input_text else "") + "\n"
-    return prompt + output
+@dataclass
+class Loaded:
+    train: list[Source]
+    evaluation: list[Source]
 
 
-REQUIRED_FIELDS = ("instruction", "output")  # every template; `input` is optional
+@dataclass
+class Stats:
+    """Token statistics of one split, as `sara train --dry-run` prints them."""
+
+    records: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    targets: int = 0
+    files: dict[str, int] = field(default_factory=dict)  # records per file in the mix
+    packs: int | None = None  # sequences after packing
 
 
-def load_records(reference: str, split: str = "train", limit: int | None = None,
-                 columns: dict[str, str] | None = None):
-    """Load a dataset of records with `datasets`.
-
-    Args:
-        reference: a local file (.json/.jsonl/.csv/.parquet), builtin:NAME, or a hub dataset id.
-
-    Raises:
-        SaraError: missing file, unsupported extension, or a dataset that cannot be loaded.
-    """
-    from datasets import load_dataset
-
-    if builtin.is_builtin(reference):
-        reference = str(builtin.data_path(reference))
-    path = Path(reference).expanduser()
-    try:
-        if path.suffix in FILE_BUILDERS or path.exists():
-            if not path.is_file():
-                raise SaraError(f"data file {reference} does not exist; check the path")
-            builder = FILE_BUILDERS.get(path.suffix)
-            if builder is None:
-                raise SaraError(f"data file {path} has an unsupported extension; use "
-                                ".json, .jsonl, .csv or .parquet")
-            if path.stat().st_size == 0:
-                raise SaraError(f"data file {path} is empty; it needs instruction records")
-            dataset = load_dataset(builder, data_files=str(path), split="train")
-        else:
-            dataset = load_dataset(reference, split=split)
-    except SaraError:
-        raise
-    except Exception as exc:
-        detail = (str(exc).splitlines() or [""])[0][:200]  # some errors (StopIteration) have no text
-        raise SaraError(f"could not load data '{reference}' ({type(exc).__name__}: {detail}); "
-                        "check the file or dataset id") from None
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    for field, column in (columns or {}).items():
-        if column not in dataset.column_names:
-            raise SaraError(f"data.columns maps {field} to '{column}', which {reference} does not have; "
-                            f"its columns are: {', '.join(dataset.column_names)}")
-        if field in dataset.column_names and field != column:
-            dataset = dataset.remove_columns(field)
-        if field != column:
-            dataset = dataset.rename_column(column, field)
-    return dataset
+@dataclass
+class Prepared:
+    train: object  # datasets.Dataset, or packing.PackedDataset
+    evaluation: object | None
+    stats: dict[str, Stats]
 
 
-def check_data_reference(data: str, flag: str = "--data") -> None:
-    """Fail early, naming the flag, when `data` names a local records file that is not there.
-
-    Raises:
-        SaraError: a .json/.jsonl/.csv/.parquet path that is not a file.
-    """
-    import datasets
-
-    datasets.disable_progress_bars()  # the library's "Generating train split" bars, one per load
-    path = Path(data).expanduser()
-    if not builtin.is_builtin(data) and path.suffix.lower() in FILE_BUILDERS and not path.is_file():
-        raise SaraError(f"{flag} {data} does not exist; give a .json, .jsonl, .csv or .parquet file of "
-                        "instruction records, or builtin:mawps-quickstart")
-
-
-def check_records(dataset, template: str, source: str) -> None:
-    """Every record has the fields the template needs, as strings.
-
-    Raises:
-        SaraError: naming the file and the first bad record's index.
-    """
-    if len(dataset) == 0:
-        raise SaraError(f"{source} holds no records")
-    needed = REQUIRED_FIELDS
-    if template == "chat" and "messages" in dataset.column_names:
-        needed = ("messages",)
-    for field in needed:
-        if field not in dataset.column_names:
-            raise SaraError(f"{source}: record 0 has no '{field}' field; records need "
-                            f"{', '.join(needed)} (and optionally input)")
-        for i, value in enumerate(dataset[field]):
-            if value is None:
-                raise SaraError(f"{source}: record {i} has no '{field}' field")
-
-
-def _text(value) -> str:
-    """A record field as text: None is empty; numbers (CSV columns, JSON answers) become strings."""
-    return "" if value is None else str(value)
-
-
-def record_texts(record: dict, template: str, tokenizer=None) -> tuple[str, str]:
-    """(prompt, prompt + completion) of a record under a template; `chat` needs the tokenizer."""
-    instruction, input_text, output = (_text(record.get(k)) for k in ("instruction", "input", "output"))
-    if template == "alpaca":
-        return alpaca_prompt(instruction, input_text), alpaca_prompt(instruction, input_text, output)
-    if template == "plain":
-        return plain_prompt(instruction, input_text), plain_prompt(instruction, input_text, output)
-    messages = record.get("messages") or [
-        {"role": "user", "content": instruction + (f"\n\n{input_text}" if input_text else "")},
-        {"role": "assistant", "content": output}]
-    if tokenizer is None or tokenizer.chat_template is None:
-        raise SaraError("template 'chat' needs a tokenizer with a chat template; this one has "
-                        "none. Use template: alpaca or plain")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    return prompt, full
-
-
-class Tokenize:
-    """Turn one record into input_ids / attention_mask / labels, as LLM-Adapters does.
-
-    Truncate to cutoff_len, append EOS when there is room, and with train_on_inputs=False set
-    the prompt's labels to -100.
-    """
-
-    def __init__(self, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool):
-        self.tokenizer = tokenizer
-        self.template = template
-        self.cutoff_len = cutoff_len
-        self.train_on_inputs = train_on_inputs
-
-    def texts(self, record: dict) -> tuple[str, str]:
-        """(prompt, prompt + completion) for a record."""
-        return record_texts(record, self.template, self.tokenizer)
-
-    def _encode(self, text: str, add_eos: bool) -> list[int]:
-        special = self.template != "chat"  # chat templates write their own special tokens
-        ids = self.tokenizer(text, truncation=True, max_length=self.cutoff_len,
-                             add_special_tokens=special)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        if add_eos and eos is not None and (not ids or ids[-1] != eos) and len(ids) < self.cutoff_len:
-            ids = ids + [eos]
-        return ids
-
-    def __call__(self, record: dict) -> dict:
-        prompt, full = self.texts(record)
-        input_ids = self._encode(full, add_eos=True)
-        labels = list(input_ids)
-        if not self.train_on_inputs:
-            prompt_len = len(self._encode(prompt, add_eos=False))
-            labels[:prompt_len] = [-100] * min(prompt_len, len(labels))
-        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-
-
-def load_split(data_cfg, seed: int):
-    """Load and check the train (and eval) records of a recipe's data section, untokenized.
+def load_split(data_cfg, seed: int) -> Loaded:
+    """Load and check the train (and eval) files of a recipe's data section, untokenized.
 
     Cheap next to loading a model, so `sara train` calls it first and bad data fails fast.
-    Returns (train records, eval records or None).
+
+    Raises:
+        SaraError: a missing or malformed file, a bad record (named), or a val_set_size that
+            leaves no training records.
     """
-    train = load_records(data_cfg.train_file, data_cfg.train_split, data_cfg.limit, data_cfg.columns)
-    check_records(train, data_cfg.template, data_cfg.train_file)
-    evaluation = None
-    if data_cfg.eval_file:
-        evaluation = load_records(data_cfg.eval_file, columns=data_cfg.columns)
-        check_records(evaluation, data_cfg.template, data_cfg.eval_file)
+    train = [_load(entry) for entry in data_cfg.files("train")]
+    evaluation = [_load(entry) for entry in data_cfg.files("eval")]
+    size, total = data_cfg.val_set_size, sum(len(s.records) for s in train)
+    if not evaluation and size and ((isinstance(size, int) and size >= total) or
+                                    (isinstance(size, float) and size >= 1)):
+        raise SaraError(f"data.val_set_size {size} leaves no training records ({total} in all); lower it")
+    return Loaded(train, evaluation)
+
+
+def _load(entry) -> Source:
+    records = load_records(entry.path, entry.split, entry.limit, entry.columns)
+    fmt = detect_format(records, entry.format)
+    check_records(records, entry.template, entry.path, fmt, entry.tags)
+    return Source(entry, records, fmt)
+
+
+# -- tokenization, cached --------------------------------------------------------------------------
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of everything about a tokenizer that changes its tokens and chat rendering."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        for setting in ("truncation", "padding"):  # set by each call, not part of the vocabulary
+            state.pop(setting, None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        from datasets.fingerprint import Hasher
+
+        digest.update(Hasher.hash(tokenizer).encode())
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    digest.update(json.dumps([getattr(tokenizer, "chat_template", None), special], default=str).encode())
+    return digest.hexdigest()
+
+
+def _code_fingerprint() -> str:
+    """sara's tokenization code: a change to it never reuses tokens cached by an older version."""
+    from sara_cli import prompts, records
+
+    digest = hashlib.sha256()
+    for module in (prompts, records):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def _tokenize_source(source: Source, data_cfg, tokenizer, tokenizer_key: str):
+    entry = source.entry
+    tokenize = Tokenize(tokenizer, entry.template, data_cfg.cutoff_len, entry.train_on_inputs,
+                        data_cfg.loss_on, source.format, entry.tags)
+    path = Path(entry.path).expanduser()
+    content = file_digest(path) if path.is_file() else None
+    if builtin.is_builtin(entry.path):
+        content = file_digest(builtin.data_path(entry.path))
+    key = json.dumps([source.records._fingerprint, content, entry.template, entry.train_on_inputs, source.format,
+                      entry.tags, data_cfg.loss_on, data_cfg.cutoff_len, tokenizer_key, _code_fingerprint()],
+                     sort_keys=True, default=str)
+
+    def encode(record, index):
+        try:
+            return tokenize.encode(record)
+        except ValueError as exc:
+            raise SaraError(f"{entry.path}: record {index} {exc}") from None
+
+    return source.records.map(encode, with_indices=True, remove_columns=source.records.column_names,
+                              new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+                              load_from_cache_file=True, desc="tokenize")
+
+
+def tokenize_split(loaded: Loaded, data_cfg, tokenizer, seed: int) -> Prepared:
+    """Tokenize (or read from the cache), hold out, weight, and pack the files of `load_split`.
+
+    Returns:
+        Prepared: train and eval sets with input_ids/attention_mask/labels (packed datasets
+        when data.packing), and their Stats.
+
+    Raises:
+        SaraError: a record the chat template refuses or whose turns cannot be found (naming
+            the file and record), or no target token in any training record.
+    """
+    from datasets import concatenate_datasets
+
+    key = tokenizer_fingerprint(tokenizer)
+    train = [_tokenize_source(s, data_cfg, tokenizer, key) for s in loaded.train]
+    evaluation = [_tokenize_source(s, data_cfg, tokenizer, key) for s in loaded.evaluation]
+    train_set = _with_source(train, concatenate_datasets)
+    eval_set, eval_sources = None, loaded.train  # a held-out split comes from the train files
+    if evaluation:
+        eval_set, eval_sources = _with_source(evaluation, concatenate_datasets), loaded.evaluation
     elif data_cfg.val_set_size:
-        size = data_cfg.val_set_size
-        if (isinstance(size, int) and size >= len(train)) or (isinstance(size, float) and size >= 1):
-            raise SaraError(f"data.val_set_size {size} leaves no training records "
-                            f"({len(train)} in all); lower it")
-        split = train.train_test_split(test_size=size, shuffle=True, seed=seed)
-        train, evaluation = split["train"], split["test"]
-    return train, evaluation
+        split = train_set.train_test_split(test_size=data_cfg.val_set_size, shuffle=True, seed=seed)
+        train_set, eval_set = split["train"], split["test"]
+    train_set = _weighted(train_set, loaded.train, seed)
+    if evaluation:
+        eval_set = _weighted(eval_set, loaded.evaluation, seed)
+    stats = {"train": _stats(train_set, loaded.train)}
+    if stats["train"].targets == 0:
+        raise SaraError(f"no training record keeps a target token within data.cutoff_len {data_cfg.cutoff_len}, "
+                        "so nothing would be learned; raise data.cutoff_len, or set data.train_on_inputs: true")
+    if eval_set is not None:
+        stats["eval"] = _stats(eval_set, eval_sources)
+    train_set = _finish(train_set, data_cfg, stats["train"])
+    eval_set = _finish(eval_set, data_cfg, stats["eval"]) if eval_set is not None else None
+    return Prepared(train_set, eval_set, stats)
 
 
-def tokenize_split(train, evaluation, data_cfg, tokenizer):
-    """Tokenize records from `load_split` into input_ids / attention_mask / labels."""
-    tokenize = Tokenize(tokenizer, data_cfg.template, data_cfg.cutoff_len, data_cfg.train_on_inputs)
-    train = train.map(tokenize, remove_columns=train.column_names, desc="tokenize", keep_in_memory=True)
-    if evaluation is not None:
-        evaluation = evaluation.map(tokenize, remove_columns=evaluation.column_names,
-                                    desc="tokenize eval", keep_in_memory=True)
-    return train, evaluation
+def _with_source(parts: list, concatenate):
+    """One dataset of a split's files, with a `source` column (the file's index) for weighting."""
+    tagged = [part.add_column("source", [index] * len(part)) for index, part in enumerate(parts)]
+    return tagged[0] if len(tagged) == 1 else concatenate(tagged)
+
+
+def _finish(dataset, data_cfg, stats: Stats):
+    """The model's columns only; packed into sequences of cutoff_len with data.packing."""
+    import numpy as np
+
+    from sara_cli.packing import PackedDataset, plan_packs
+
+    lengths = np.asarray(dataset.with_format("numpy")["num_tokens"]) if data_cfg.packing else None
+    dataset = dataset.select_columns(MODEL_COLUMNS)
+    if not data_cfg.packing:
+        return dataset
+    packs = plan_packs(lengths, data_cfg.cutoff_len)
+    stats.packs = len(packs)
+    return PackedDataset(dataset, packs)
+
+
+def _weighted(dataset, sources: list[Source], seed: int):
+    """Each file's records `weight` times: whole copies, then a seeded sample for the fraction."""
+    import numpy as np
+
+    weights = [s.entry.weight for s in sources]
+    if all(w == 1.0 for w in weights):
+        return dataset
+    origin = np.asarray(dataset["source"])
+    indices = []
+    for index, weight in enumerate(weights):
+        rows = np.flatnonzero(origin == index)
+        whole, fraction = int(weight), weight - int(weight)
+        indices += [rows] * whole
+        if fraction > 0:
+            rng = np.random.default_rng([seed, index])
+            count = int(round(fraction * len(rows)))
+            indices.append(np.sort(rng.choice(rows, size=count, replace=False)))
+    return dataset.select(np.concatenate(indices) if indices else [])
+
+
+def _stats(dataset, sources: list[Source]) -> Stats:
+    import numpy as np
+
+    table = dataset.select_columns(["source", *STATS_COLUMNS]).with_format("numpy")
+    origin = np.asarray(table["source"])
+    files: dict[str, int] = {}
+    for index, source in enumerate(sources):
+        files[source.entry.path] = files.get(source.entry.path, 0) + int((origin == index).sum())
+    return Stats(records=len(table), tokens=int(np.asarray(table["num_tokens"]).sum()),
+                 truncated=int(np.asarray(table["truncated"]).sum()),
+                 targets=int(np.asarray(table["num_targets"]).sum()), files=files)
 
 
 def prepare(data_cfg, tokenizer, seed: int):
@@ -222,5 +236,5 @@ def prepare(data_cfg, tokenizer, seed: int):
     Returns:
         (train_dataset, eval_dataset or None), both with input_ids/attention_mask/labels.
     """
-    train, evaluation = load_split(data_cfg, seed)
-    return tokenize_split(train, evaluation, data_cfg, tokenizer)
+    prepared = tokenize_split(load_split(data_cfg, seed), data_cfg, tokenizer, seed)
+    return prepared.train, prepared.evaluation

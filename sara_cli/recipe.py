@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from sara_cli.errors import SaraError
 
@@ -67,17 +67,134 @@ class AdapterSection(Section):
         return {k: v for k, v in self.model_dump().items() if k not in ("method", "targets") and v is not None}
 
 
+Template = Literal["alpaca", "plain", "chat"]
+Format = Literal["auto", "instruction", "sharegpt", "messages"]
+# What `columns` can map: instruction records' fields, and the conversation of a chat record.
+ColumnName = Literal["instruction", "input", "output", "system", "history", "messages"]
+# LLaMA-Factory's dataset_info `tags`: which keys and role names a conversation's messages use.
+TagName = Literal["role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag",
+                  "observation_tag", "function_tag"]
+# Union tags, never field names, so that _file_error can drop them from error locations.
+ONE_FILE, FILE_LIST = "one file", "file list"
+
+
+class DataFile(Section):
+    """One dataset of a list in `data.train_file` / `data.eval_file`; unset keys take the data
+    section's values (recipe.yaml records them filled in)."""
+
+    path: str = Field(description="JSON/JSONL/CSV/Parquet file, builtin:NAME, or hub dataset id.")
+    split: Optional[str] = Field(None, description="Split of a hub dataset.")
+    format: Optional[Format] = Field(None, description="instruction, sharegpt, messages, or auto.")
+    columns: Optional[dict[ColumnName, str]] = Field(None, description="Column mapping for this file.")
+    tags: Optional[dict[TagName, str]] = Field(None, description="Message keys and role names for this file.")
+    template: Optional[Template] = Field(None, description="Prompt template for this file.")
+    train_on_inputs: Optional[bool] = Field(None, description="False masks non-target tokens out of the loss.")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N records of this file.")
+    weight: Optional[float] = Field(None, gt=0.0, description="Times each record is used: 2 doubles it, 0.5 takes a seeded half.")
+
+
+def _which_files(value) -> Optional[str]:
+    if isinstance(value, str):
+        return ONE_FILE
+    return FILE_LIST if isinstance(value, list) else None
+
+
+Files = Annotated[Union[Annotated[str, Tag(ONE_FILE)], Annotated[list[DataFile], Tag(FILE_LIST)]],
+                  Discriminator(_which_files, custom_error_type="files",
+                                custom_error_message="give one file (a string) or a list of files")]
+
+
 class DataSection(Section):
-    train_file: str = Field(description="JSON/JSONL/CSV/Parquet file, builtin:NAME, or hub dataset id.")
+    train_file: Files = Field(description="A file, builtin:NAME or hub dataset id, or a list of them.")
     train_split: str = Field("train", description="Split of a hub dataset.")
-    eval_file: Optional[str] = Field(None, description="Optional evaluation file.")
-    columns: dict[Literal["instruction", "input", "output"], str] = Field(
-        default_factory=dict, description="Rename dataset columns to instruction/input/output, e.g. {instruction: mr, output: ref}.")
-    template: Literal["alpaca", "plain", "chat"] = Field("alpaca", description="Prompt template.")
+    eval_file: Optional[Files] = Field(None, description="Optional evaluation file(s).")
+    format: Format = Field("auto", description="Record format: instruction, sharegpt, messages, or auto.")
+    columns: dict[ColumnName, str] = Field(
+        default_factory=dict, description="Rename dataset columns to sara's fields, e.g. {instruction: query, output: response}.")
+    tags: dict[TagName, str] = Field(default_factory=dict, description="Message keys and role names (LLaMA-Factory's tags).")
+    template: Template = Field("alpaca", description="Prompt template.")
     cutoff_len: int = Field(256, ge=8, description="Truncate examples to this many tokens.")
-    train_on_inputs: bool = Field(True, description="False masks prompt tokens out of the loss.")
+    train_on_inputs: Optional[bool] = Field(None, description="False masks prompt tokens out of the loss; default false for chat.")
+    loss_on: Optional[Literal["last_turn", "all_assistant_turns"]] = Field(
+        None, description="Chat: which assistant turns are targets; default all_assistant_turns.")
     val_set_size: Union[int, float] = Field(0, ge=0, description="Hold out N records (or a fraction) for eval.")
-    limit: Optional[int] = Field(None, ge=1, description="Use only the first N training records.")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N records of each file.")
+    packing: bool = Field(False, description="Pack records into sequences of cutoff_len tokens.")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _resolve(cls, data, handler):
+        """Fill the settings that depend on others (so recipe.yaml says what the run used), and
+        word errors inside a list of files as errors of that file."""
+        try:
+            return handler(resolve_data_defaults(data) if isinstance(data, dict) else data)
+        except ValidationError as exc:
+            raise ValidationError.from_exception_data(exc.title, [_file_error(e) for e in exc.errors()]) from None
+
+    def files(self, which: str = "train") -> list[DataFile]:
+        """The train or eval datasets, each with every setting filled in ([] without eval files)."""
+        value = self.train_file if which == "train" else self.eval_file
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [DataFile.model_validate(_entry(value, self.model_dump(), which))]
+        return list(value)
+
+
+def _file_error(err: dict):
+    """A validation error without the union's tag in its location; an unknown key of a listed
+    file suggests that file's keys."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    loc = tuple(p for p in err["loc"] if p not in (ONE_FILE, FILE_LIST))
+    kind = err["type"]
+    if kind == "extra_forbidden" and len(loc) == 3 and loc[0] in ("train_file", "eval_file"):
+        kind = PydanticCustomError("unknown_file_key", "unknown key" + _suggest(str(loc[-1]), DataFile.model_fields))
+    elif kind == "files":
+        kind = PydanticCustomError("files", err["msg"])
+    elif kind == "model_type" and len(loc) == 2:
+        kind = PydanticCustomError("file_entry", "give a path, or a mapping with path and this file's settings")
+    details = {"type": kind, "loc": loc, "input": err.get("input")}
+    if "ctx" in err and not isinstance(kind, PydanticCustomError):
+        details["ctx"] = err["ctx"]
+    return InitErrorDetails(**details)
+
+
+def _entry(value, data: dict, which: str) -> dict:
+    """A file of the data section with the section's settings filled in where it sets none."""
+    entry = {"path": value} if isinstance(value, str) else dict(value)
+    template = entry.get("template") or data.get("template") or "alpaca"
+    defaults = {"split": (data.get("train_split") or "train") if which == "train" else "train",
+                "format": data.get("format") or "auto", "columns": data.get("columns") or {},
+                "tags": data.get("tags") or {}, "template": template, "limit": data.get("limit"),
+                "weight": 1.0}
+    for key, default in defaults.items():
+        if entry.get(key) is None:
+            entry[key] = default
+    if entry.get("train_on_inputs") is None:
+        explicit = data.get("train_on_inputs")
+        entry["train_on_inputs"] = explicit if explicit is not None else template != "chat"
+    return entry
+
+
+def resolve_data_defaults(data: dict) -> dict:
+    """Fill `train_on_inputs` (false for chat, as assistant turns are the targets), `loss_on`
+    (all assistant turns, where a chat file masks its prompts) and every listed file's settings."""
+    data = dict(data)
+    entries = []
+    for which, key in (("train", "train_file"), ("eval", "eval_file")):
+        value = data.get(key)
+        if isinstance(value, list):
+            data[key] = [_entry(e, data, which) if isinstance(e, (str, dict)) else e for e in value]
+            entries += [e for e in data[key] if isinstance(e, dict)]
+        elif isinstance(value, str):
+            entries.append(_entry(value, data, which))
+    if data.get("loss_on") is None and any(e["template"] == "chat" and e["train_on_inputs"] is False
+                                           for e in entries):
+        data["loss_on"] = "all_assistant_turns"
+    if data.get("train_on_inputs") is None:
+        data["train_on_inputs"] = (data.get("template") or "alpaca") != "chat"
+    return data
 
 
 class TrainSection(Section):
@@ -149,10 +266,48 @@ def _applicability(raw: dict) -> list[str]:
     return problems
 
 
+CONVERSATION_COLUMNS = {"messages", "system"}
+INSTRUCTION_COLUMNS = {"instruction", "input", "output", "system", "history"}
+
+
+def _data_problems(data: dict) -> list[str]:
+    """Data settings that cannot work together, per file (checked before defaults are filled)."""
+    problems, files = [], []
+    for key in ("train_file", "eval_file"):
+        value = data.get(key)
+        if isinstance(value, str):
+            files.append((f"data.{key}", _entry(value, data, "train")))
+        elif isinstance(value, list):
+            files += [(f"data.{key}.{i}", _entry(v, data, "train")) for i, v in enumerate(value)
+                      if isinstance(v, (str, dict))]
+    for where, entry in files:
+        fmt, template, columns = entry["format"], entry["template"], entry["columns"]
+        columns = set(columns) if isinstance(columns, dict) else set()
+        if fmt in ("sharegpt", "messages") and template != "chat":
+            problems.append(f"{where}: format {fmt} holds conversations, which only template: chat renders; "
+                            "set template: chat")
+        if fmt in ("sharegpt", "messages") and columns - CONVERSATION_COLUMNS:
+            problems.append(f"{where}: columns {', '.join(sorted(columns - CONVERSATION_COLUMNS))} do not apply "
+                            f"to format {fmt} (it maps messages and system)")
+        elif fmt == "instruction" and "messages" in columns:
+            problems.append(f"{where}: columns.messages does not apply to format instruction; "
+                            "use format: sharegpt or messages")
+        if template != "chat" and columns & {"system", "history"}:
+            problems.append(f"{where}: columns {', '.join(sorted(columns & {'system', 'history'}))} need "
+                            "template: chat (alpaca and plain prompts have no system prompt or history)")
+    if data.get("loss_on") is not None and not any(
+            e["template"] == "chat" and e["train_on_inputs"] is False for _, e in files):
+        problems.append(f"data.loss_on: got {data['loss_on']!r}, but no file uses template: chat with "
+                        "train_on_inputs: false; loss_on picks which assistant turns are targets, so remove it")
+    return problems
+
+
 def _conflicts(raw: dict) -> list[str]:
     """Pairs of settings where one would silently override or break the other."""
     problems = []
     data, train = raw.get("data"), raw.get("train")
+    if isinstance(data, dict):
+        problems += _data_problems(data)
     if isinstance(data, dict) and data.get("eval_file") and data.get("val_set_size"):
         problems.append(f"data.val_set_size: got {data['val_set_size']!r} together with data.eval_file; "
                         "the eval file would replace the held-out split, so set only one")

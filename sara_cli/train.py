@@ -298,11 +298,22 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
     model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
     if reporter:
         reporter.built(recipe, model, layers)
-    train_set, eval_set = tokenize_split(*records, recipe.data, tokenizer)  # a dry run checks data too
-    check_targets(train_set, recipe.data)
+    data = tokenize_split(records, recipe.data, tokenizer, recipe.train.seed)  # a dry run checks data too
+    train_set, eval_set = data.train, data.evaluation
+    if reporter and is_main_process():
+        reporter.data(data.stats, recipe.data)
+    model.config.use_cache = False  # also what lets packed records keep to themselves
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8 if use_cuda else None,
+                                      label_pad_token_id=-100, return_tensors="pt", padding=True)
+    if recipe.data.packing:
+        from sara_cli import packing
+
+        collator = packing.collator_for(model, tokenizer)
+        packing.check_isolation(model, collator)
     if dry_run:
         return {"dry_run": True, "layers": {n: l.rank() for n, l in layers.items()},
-                "train_records": len(train_set), "eval_records": len(eval_set) if eval_set else 0}
+                "train_records": data.stats["train"].records,
+                "eval_records": data.stats["eval"].records if "eval" in data.stats else 0}
     prepare_output(plan)
     if is_main_process():
         write_text(output_dir / checkpoint.RECIPE_NAME, yaml.safe_dump(resolved, sort_keys=False))
@@ -311,7 +322,6 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
         else:
             trim_log(output_dir / LOG_NAME, int(CHECKPOINT.match(plan.resume_from.name).group(1)))
     args = training_arguments(recipe, output_dir, eval_set is not None, use_cuda)
-    model.config.use_cache = False
     signals = SignalCallback()
     log = LogCallback(output_dir / LOG_NAME)
     callbacks = [signals, CadenceCallback(), log]
@@ -319,8 +329,6 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
         callbacks.insert(0, SorsaCallback(layers.values(), recipe.adapter.gamma))
     if reporter:
         callbacks.append(reporter.progress_callback())
-    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8 if use_cuda else None,
-                                      label_pad_token_id=-100, return_tensors="pt", padding=True)
     trainer = SaraTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
                           adapter_meta=meta)
@@ -348,20 +356,6 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
             "first_loss": next((r["loss"] for r in log.records if "loss" in r), None),
             "last_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
             "adapter_bytes": size}
-
-
-def check_targets(train_set, data_cfg) -> None:
-    """Fail when no record keeps a token to learn from (every label masked or cut off).
-
-    Raises:
-        SaraError: naming data.cutoff_len and train_on_inputs, the settings that cause it.
-    """
-    # Row by row: the first record with a target usually ends the scan.
-    if any(label != -100 for row in train_set.select_columns("labels") for label in row["labels"]):
-        return
-    raise SaraError(f"no training record keeps a response token within data.cutoff_len "
-                    f"{data_cfg.cutoff_len}, so nothing would be learned; raise data.cutoff_len, or set "
-                    "data.train_on_inputs: true")
 
 
 def plot_losses(output_dir: Path) -> None:
