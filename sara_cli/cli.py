@@ -197,14 +197,16 @@ def merge(
     fmt: str = typer.Option("hf", "--format", help="hf (merged checkpoint) or peft-lora (LoRA adapter)."),
     force: bool = typer.Option(False, "--force", help="Merge even if --base does not match the recorded base."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (only once the new one is complete)."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="peft-lora: truncate modules above rank N by SVD (vLLM serves up to 512)."),
 ) -> None:
-    """Fold a trained adapter into its base: a plain Hugging Face checkpoint, verified."""
+    """Fold a trained adapter into its base: a plain Hugging Face checkpoint (or a PEFT LoRA adapter), verified."""
     from sara_cli.cli_views import merge_report
     from sara_cli.merge import merge as run_merge
 
     with console.status("merging"):
         report = run_merge(path, out, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
-                           routing=routing, calibration=calibration, fmt=fmt, force=force, overwrite=overwrite)
+                           routing=routing, calibration=calibration, fmt=fmt, force=force, overwrite=overwrite,
+                           max_rank=max_rank)
     merge_report(console, report)
 
 
