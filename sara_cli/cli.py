@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sara_cli import __version__
 from sara_cli.errors import SaraError
@@ -49,7 +50,8 @@ def command(func=None, *, name: str | None = None):
             label = getattr(exc, "label", "error")
             if label == "error" or os.environ.get("RANK", "0") == "0":  # a clean stop: say it once
                 colour = "red" if label == "error" else "yellow"
-                err_console.print(f"[bold {colour}]{label}:[/] {exc}", highlight=False, soft_wrap=True)
+                # The message is text, not markup: "[harness]" or a path with brackets stays as written.
+                err_console.print(f"[bold {colour}]{label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -57,7 +59,7 @@ def command(func=None, *, name: str | None = None):
         except Exception as exc:
             if DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} "
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} "
                               "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

@@ -54,3 +54,12 @@ def test_error_boundary_one_line_and_debug_traceback(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "sara_cli", "analyze", missing, "--debug"],
                            capture_output=True, text=True, env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "SaraError" in debug.stderr
+
+
+def test_error_messages_are_text_not_markup(tmp_path):
+    """A message with brackets (an extra's name, a path) is printed as written."""
+    from conftest import one_line_error
+
+    missing = tmp_path / "run[1]"
+    line = one_line_error(CliRunner().invoke(app, ["merge", str(missing), "--out", str(tmp_path / "out")]))
+    assert f"{missing} does not exist" in line
