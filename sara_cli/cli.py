@@ -217,78 +217,49 @@ def merge(
 @command(name="eval")
 def eval_command(
     model: Optional[str] = typer.Argument(None, help="Merged checkpoint, run/adapter folder, or base model."),
-    task: str = typer.Option(..., "--task", help="Tasks, comma-separated (e.g. svamp,boolq), a test file, or loss."),
+    task: Optional[str] = typer.Option(None, "--task", help="Tasks, comma-separated (e.g. svamp,boolq), a test file, or loss."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with <Dataset>/test.json; default: bundled copies."),
     protocol: str = typer.Option("fast", "--protocol", help="fast (batched greedy) or llm-adapters (4-beam, one by one)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generate call (fast protocol)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generate call (fast protocol), records per forward pass."),
     limit: Optional[int] = typer.Option(None, "--limit", help="First N examples of each task."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Results folder; default eval-results/<model>-<protocol>."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder; default RUN/eval/<mode> for a run, else eval-results/<model>-<mode>."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: 256 math, 32 commonsense."),
     score: Optional[Path] = typer.Option(None, "--score", help="Score an existing predictions file (output + answer) without a model."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="With --score or --task loss: write the summary here."),
     data: Optional[str] = typer.Option(None, "--data", help="With --task loss: instruction records to score."),
+    harness: Optional[str] = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, comma-separated (sara_svamp, sara_boolq_mc, ...)."),
+    harness_args: list[str] = typer.Option([], "--harness-args", help="KEY=VALUE for lm_eval.simple_evaluate (num_fewshot=5, apply_chat_template=true); repeat."),
 ) -> None:
-    """Benchmark accuracy with the LLM-Adapters protocol (or mean loss with --task loss)."""
-    from sara_cli import tasks
-    from sara_cli.cli_views import eval_progress, eval_table
-
-    if score is not None:
-        (only,) = _one_task(tasks.resolve_tasks(task))
-        result = tasks.score_predictions(score, only)
-        console.print(f"{only.name}: {result['correct']}/{result['n']} correct, accuracy "
-                      f"{result['accuracy']:.4f}", highlight=False)
-        if json_path is not None:
-            from sara_cli.files import write_json
-
-            write_json(json_path, {k: v for k, v in result.items()})
-            console.print(f"wrote {json_path}")
-        return
-    if model is None:
-        raise SaraError("give a MODEL (merged checkpoint, run folder or base model), or --score FILE")
+    """Benchmark accuracy with the LLM-Adapters protocol, mean loss, or lm-evaluation-harness tasks."""
     from sara_cli import evaluate
 
-    evaluate.check_options(protocol, batch_size, limit, max_new_tokens)
-    if task == "loss":
-        if data is None:
-            raise SaraError("--task loss needs --data FILE (instruction records)")
-        from sara_cli.data import check_data_reference
-
-        check_data_reference(data)  # before the model loads
-        loaded, tokenizer, description, config = evaluate.load_model(model)
-        result = evaluate.mean_loss(loaded, tokenizer, data, config, batch_size, limit)
+    mode = evaluate.choose_mode(model, task, score, harness, data)
+    evaluate.check_targets(out, json_path)
+    if mode == "score":
+        name, result = evaluate.score_file(score, task, json_path)
+        console.print(f"{name}: {result['correct']}/{result['n']} correct, accuracy "
+                      f"{result['accuracy']:.4f}", highlight=False)
+    elif mode == "loss":
+        description, result = evaluate.loss(model, data, batch_size, limit, json_path)
         console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "
                       f"{result['perplexity']:.3f} over {result['tokens']:,d} tokens", highlight=False)
-        if json_path is not None:
-            from sara_cli.files import write_json
+    elif mode == "harness":
+        from sara_cli import harness as bridge
 
-            write_json(json_path, result)
-            console.print(f"wrote {json_path}")
-        return
-    if data is not None:
-        raise SaraError("--data goes with --task loss; for benchmarks name tasks or test files in --task")
-    chosen = tasks.resolve_tasks(task)
-    for t in chosen:  # fail on missing data before loading a model
-        tasks.load_records(t, data_dir, 1)
-    import time
+        report = bridge.run(model, harness, harness_args, data_dir, batch_size, limit, out, max_new_tokens)
+        console.print(report.table, highlight=False, markup=False)
+        console.print(f"wrote {report.results_path} and {len(report.sample_paths)} samples file(s)",
+                      highlight=False)
+    else:
+        from sara_cli.cli_views import eval_progress, eval_table
 
-    started = time.perf_counter()
-    loaded, tokenizer, description, _ = evaluate.load_model(model)
-    results = []
-    with eval_progress(console) as (on_start, on_done):
-        for t in chosen:
-            results.append(evaluate.evaluate_task(loaded, tokenizer, t, data_dir, protocol, batch_size,
-                                                  limit, max_new_tokens, on_start, on_done))
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in (Path(model).name or "model"))
-    out = out or Path("eval-results") / f"{name}-{protocol}"
-    summary = evaluate.write_results(out, results, protocol, description, time.perf_counter() - started)
-    eval_table(console, results, summary, protocol)
-    console.print(f"wrote {out}/summary.json and one <task>.jsonl per task")
-
-
-def _one_task(chosen):
-    if len(chosen) != 1:
-        raise SaraError("--score takes exactly one --task (the rules to score the file with)")
-    return chosen
+        with eval_progress(console) as (on_start, on_done):
+            run = evaluate.benchmarks(model, task, data_dir, protocol, batch_size, limit, max_new_tokens, out,
+                                      on_start, on_done)
+        eval_table(console, run.results, run.summary, protocol)
+        console.print(f"wrote {run.out}/summary.json and one <task>.jsonl per task", highlight=False)
+    if json_path is not None and mode in ("score", "loss"):
+        console.print(f"wrote {json_path}", highlight=False)
 
 
 # -- route-map -----------------------------------------------------------------------------------
