@@ -262,6 +262,51 @@ def eval_command(
         console.print(f"wrote {json_path}", highlight=False)
 
 
+# -- chat ----------------------------------------------------------------------------------------
+
+@command
+def chat(
+    model: str = typer.Argument(..., help="Run or adapter folder, merged checkpoint, or base model."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this once and exit (for scripts)."),
+    template: Optional[str] = typer.Option(None, "--template", help="alpaca, plain or chat; default: the run's own."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 greedy, above 0 samples; default: the model's generation_config."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling share; default: the model's generation_config."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
+) -> None:
+    """Talk to a model with its run's template, tokens streamed; Ctrl-C stops an answer, Ctrl-D leaves."""
+    from sara_cli.chat import generation_settings, open_session
+
+    settings = generation_settings(max_new_tokens, temperature, top_p)
+    with err_console.status("loading"):
+        session, description = open_session(model, template, settings, system)
+    if prompt is not None:
+        _stream_answer(session, prompt)
+        return
+    err_console.print(f"chat with {description}; Ctrl-C stops an answer, Ctrl-D leaves", highlight=False,
+                      soft_wrap=True)
+    while True:
+        try:
+            message = console.input("[bold]>[/] ")
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            console.print("  (Ctrl-D leaves)")
+            continue
+        if message.strip():
+            _stream_answer(session, message)
+
+
+def _stream_answer(session, message: str) -> None:
+    try:
+        for piece in session.reply(message):
+            console.out(piece, end="", highlight=False)
+    except KeyboardInterrupt:
+        console.out(" [stopped]", end="", highlight=False)
+    console.out("")
+
+
 # -- route-map -----------------------------------------------------------------------------------
 
 @command(name="route-map")

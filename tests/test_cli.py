@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from sara_cli import __version__
 from sara_cli.cli import app
 
-COMMANDS = ("analyze", "train", "merge", "eval", "route-map")
+COMMANDS = ("analyze", "train", "merge", "eval", "route-map", "chat")
 
 
 def test_help_lists_every_command():
@@ -30,7 +30,7 @@ def test_help_does_not_import_torch_or_transformers():
     code = ("import sys; sys.argv = ['sara', '--help']\n"
             "from sara_cli.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib', 'lm_eval') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
