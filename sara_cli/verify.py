@@ -145,20 +145,14 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
     """Run the adapter model and the merged checkpoint on `texts`; fail on a real mismatch
     (`judge`). Mo-SARA (calibration texts given): report only.
     """
-    import torch
-
     merged = load_merged(staging, dtype_name)
     tokenizer = checkpoint.load_tokenizer(staging)
-    for name, p in merged.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise SaraError(f"merged tensor {name} holds NaN or inf; the adapter is broken")
+    check_finite(merged, "merged tensor {name} holds NaN or inf")
     merged_out = run_model(merged, tokenizer, texts)
     merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
     free(merged)
     if routed is None:
-        model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
-        routed = run_model(model, tokenizer, texts)
-        free(model)
+        routed = adapter_outputs(adapter_dir, base_ref, dtype_name, texts)
     figures = compare(routed, merged_out)
     figures["dtype"] = dtype_name
     if merged_calibration is not None:
@@ -168,6 +162,23 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
         figures["exact"] = False
         return figures
     return judge(figures, dtype_name, "merged")
+
+
+def check_finite(model, message: str) -> None:
+    """Raise SaraError(`message` with {name}) for the first floating tensor holding NaN or inf."""
+    import torch
+
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise SaraError(message.format(name=name) + "; the adapter is broken")
+
+
+def adapter_outputs(adapter_dir: Path, base_ref: str, dtype_name: str, texts: list[str]) -> Outputs:
+    """The adapter model's outputs on `texts`: the reference every merge and export is checked against."""
+    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
+    outputs = run_model(model, tokenizer, texts)
+    free(model)
+    return outputs
 
 
 def judge(figures: dict, dtype_name: str, what: str) -> dict:
@@ -224,20 +235,13 @@ def check_export(adapter_dir: Path, base_ref: str, export_dir: Path, dtype_name:
     Raises:
         SaraError: NaN/inf in the exported model, or an exact export past `judge`'s limit.
     """
-    import torch
-
     exported = load_merged(base_ref, dtype_name)
     apply_lora_export(exported, export_dir, transposed)
-    for name, p in exported.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise SaraError(f"exported LoRA factors make {name} NaN or inf; the adapter is broken")
-    tokenizer = checkpoint.load_tokenizer(base_ref)
-    exported_out = run_model(exported, tokenizer, texts)
+    check_finite(exported, "exported LoRA factors make {name} NaN or inf")
+    exported_out = run_model(exported, checkpoint.load_tokenizer(base_ref), texts)
     free(exported)
     if reference is None:
-        model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
-        reference = run_model(model, tokenizer, texts)
-        free(model)
+        reference = adapter_outputs(adapter_dir, base_ref, dtype_name, texts)
     figures = compare(reference, exported_out)
     figures["dtype"] = dtype_name
     figures["exact"] = exact

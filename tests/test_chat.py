@@ -29,6 +29,19 @@ def greedy_answer(model, tokenizer, prompt: str, special: bool = True, tokens: i
     return text.split("### Instruction:")[0].split("### Response:")[0].strip()
 
 
+def chat_answer(model, tokenizer, messages: list[dict]) -> str:
+    """The greedy answer after the tokenizer's chat template (which writes its own special tokens)."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return greedy_answer(model, tokenizer, prompt, special=False)
+
+
+@pytest.fixture(scope="module")
+def base(llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(llama_dir).eval(), AutoTokenizer.from_pretrained(llama_dir)
+
+
 def answer_of(result) -> str:
     assert result.exit_code == 0, result.output
     return result.stdout.strip()
@@ -64,36 +77,23 @@ def test_one_shot_on_a_merged_checkpoint_uses_the_template_its_card_records(trai
     assert tokenizer.chat_template
     expected = greedy_answer(model, tokenizer, alpaca_prompt(MESSAGE))
     assert answer_of(run_cli("chat", merged, "--prompt", MESSAGE, "--max-new-tokens", TOKENS)) == expected
-    chat_prompt = tokenizer.apply_chat_template([{"role": "user", "content": MESSAGE}], tokenize=False,
-                                                add_generation_prompt=True)
     forced = answer_of(run_cli("chat", merged, "--prompt", MESSAGE, "--max-new-tokens", TOKENS,
                                "--template", "chat"))
-    assert forced == greedy_answer(model, tokenizer, chat_prompt, special=False)
+    assert forced == chat_answer(model, tokenizer, [{"role": "user", "content": MESSAGE}])
 
 
-def test_one_shot_on_a_base_uses_its_chat_template(llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+def test_one_shot_on_a_base_uses_its_chat_template(llama_dir, base):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": MESSAGE}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     answer = answer_of(run_cli("chat", llama_dir, "--prompt", MESSAGE, "--max-new-tokens", TOKENS,
                                "--system", "Be brief."))
-    assert answer == greedy_answer(model, tokenizer, prompt, special=False)
+    assert answer == chat_answer(*base, messages)
 
 
-def test_interactive_session_keeps_the_conversation_and_leaves_on_eof(llama_dir):
+def test_interactive_session_keeps_the_conversation_and_leaves_on_eof(llama_dir, base):
     """Two messages through stdin, then end of input (Ctrl-D): the second prompt holds the first turn."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    first = greedy_answer(model, tokenizer, tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hello."}], tokenize=False, add_generation_prompt=True), special=False)
-    second = greedy_answer(model, tokenizer, tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": first},
-         {"role": "user", "content": MESSAGE}], tokenize=False, add_generation_prompt=True), special=False)
+    first = chat_answer(*base, [{"role": "user", "content": "Hello."}])
+    second = chat_answer(*base, [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": first},
+                                 {"role": "user", "content": MESSAGE}])
     from typer.testing import CliRunner
 
     from sara_cli.cli import app
