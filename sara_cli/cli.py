@@ -233,7 +233,7 @@ def eval_command(
     """Benchmark accuracy with the LLM-Adapters protocol, mean loss, or lm-evaluation-harness tasks."""
     from sara_cli import evaluate
 
-    mode = evaluate.choose_mode(model, task, score, harness, data)
+    mode = evaluate.choose_mode(model, task, score, harness, data, protocol, json_path)
     evaluate.check_targets(out, json_path)
     if mode == "score":
         name, result = evaluate.score_file(score, task, json_path)

@@ -217,12 +217,22 @@ MODES = ("benchmarks", "loss", "score", "harness")
 
 
 def choose_mode(model: str | None, task: str | None, score: Path | None, harness: str | None,
-                data: str | None) -> str:
+                data: str | None, protocol: str = "fast", json_path: Path | None = None) -> str:
     """Which mode the options ask for, checked before anything loads.
 
     Raises:
         SaraError: options from two modes, or a mode without what it needs.
     """
+    mode = _mode(model, task, score, harness, data)
+    if protocol != "fast" and mode != "benchmarks":
+        raise SaraError(f"--protocol chooses how --task benchmarks generate; it does not apply to {mode} mode")
+    if json_path is not None and mode not in ("score", "loss"):
+        raise SaraError("--json goes with --score or --task loss; benchmark and harness results are "
+                        "written to their results folder (--out)")
+    return mode
+
+
+def _mode(model: str | None, task: str | None, score: Path | None, harness: str | None, data: str | None) -> str:
     if score is not None:
         if harness is not None or model is not None:
             raise SaraError("--score rescores a predictions file without a model; drop MODEL and --harness")

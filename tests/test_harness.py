@@ -119,6 +119,8 @@ def test_harness_bad_input_is_one_line_before_the_model_loads(llama_dir, tmp_pat
     one_line_error(run_cli("eval", llama_dir, "--harness", "sara_svmap"), "unknown harness task 'sara_svmap'",
                    "sara_svamp")
     one_line_error(run_cli("eval", llama_dir, "--harness", "sara_svamp", "--task", "svamp"), "--harness", "--task")
+    one_line_error(run_cli("eval", llama_dir, "--harness", "sara_svamp", "--protocol", "llm-adapters"), "--protocol")
+    one_line_error(run_cli("eval", llama_dir, "--harness", "sara_svamp", "--json", tmp_path / "x.json"), "--json")
     one_line_error(run_cli("eval", llama_dir, "--harness", "sara_svamp", "--harness-args", "num_fewshot"),
                    "KEY=VALUE")
     one_line_error(run_cli("eval", llama_dir, "--harness", "sara_svamp", "--harness-args", "limit=3"), "--limit")
