@@ -55,6 +55,7 @@ HARNESS_TASKS: dict[str, tuple[tasks.Task, bool]] = _registry()
 
 
 def tag_of(task: tasks.Task, multiple_choice: bool) -> str:
+    """The harness tag grouping a family: sara_math, sara_commonsense, sara_commonsense_mc, ..."""
     return f"{PREFIX}{task.family}" + ("_mc" if multiple_choice else "")
 
 
@@ -88,6 +89,7 @@ def doc_to_choice(doc: dict) -> list[str]:
 
 
 def doc_to_target(doc: dict) -> int:
+    """The index of the gold answer among `doc_to_choice` (checked before the model loads)."""
     return doc_to_choice(doc).index(doc["answer"])
 
 
@@ -159,6 +161,11 @@ def _import_lm_eval():
 
 
 def parse_task_names(spec: str) -> list[str]:
+    """The comma-separated --harness value as names, in order, without duplicates.
+
+    Raises:
+        SaraError: nothing but commas and spaces.
+    """
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise SaraError(f"--harness is empty (received {spec!r}); give harness task names, e.g. sara_svamp")
