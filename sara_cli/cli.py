@@ -50,8 +50,8 @@ def command(func=None, *, name: str | None = None):
             label = getattr(exc, "label", "error")
             if label == "error" or os.environ.get("RANK", "0") == "0":  # a clean stop: say it once
                 colour = "red" if label == "error" else "yellow"
-                err_console.print(f"[bold {colour}]{label}:[/] {escape(str(exc))}", highlight=False,
-                                  soft_wrap=True)
+                # The message is text, not markup: "[harness]" or a path with brackets stays as written.
+                err_console.print(f"[bold {colour}]{label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -207,14 +207,16 @@ def merge(
     fmt: str = typer.Option("hf", "--format", help="hf (merged checkpoint) or peft-lora (LoRA adapter)."),
     force: bool = typer.Option(False, "--force", help="Merge even if --base does not match the recorded base."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (only once the new one is complete)."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="peft-lora: truncate modules above rank N by SVD (vLLM serves up to 512)."),
 ) -> None:
-    """Fold a trained adapter into its base: a plain Hugging Face checkpoint, verified."""
+    """Fold a trained adapter into its base: a plain Hugging Face checkpoint (or a PEFT LoRA adapter), verified."""
     from sara_cli.cli_views import merge_report
     from sara_cli.merge import merge as run_merge
 
     with console.status("merging"):
         report = run_merge(path, out, base=base, dtype=dtype, max_shard_size=max_shard_size, verify=verify,
-                           routing=routing, calibration=calibration, fmt=fmt, force=force, overwrite=overwrite)
+                           routing=routing, calibration=calibration, fmt=fmt, force=force, overwrite=overwrite,
+                           max_rank=max_rank)
     merge_report(console, report)
 
 
@@ -223,78 +225,95 @@ def merge(
 @command(name="eval")
 def eval_command(
     model: Optional[str] = typer.Argument(None, help="Merged checkpoint, run/adapter folder, or base model."),
-    task: str = typer.Option(..., "--task", help="Tasks, comma-separated (e.g. svamp,boolq), a test file, or loss."),
+    task: Optional[str] = typer.Option(None, "--task", help="Tasks, comma-separated (e.g. svamp,boolq), a test file, or loss."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with <Dataset>/test.json; default: bundled copies."),
     protocol: str = typer.Option("fast", "--protocol", help="fast (batched greedy) or llm-adapters (4-beam, one by one)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generate call (fast protocol)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generate call (fast protocol), records per forward pass."),
     limit: Optional[int] = typer.Option(None, "--limit", help="First N examples of each task."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Results folder; default eval-results/<model>-<protocol>."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder; default RUN/eval/<mode> for a run, else eval-results/<model>-<mode>."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: 256 math, 32 commonsense."),
     score: Optional[Path] = typer.Option(None, "--score", help="Score an existing predictions file (output + answer) without a model."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="With --score or --task loss: write the summary here."),
     data: Optional[str] = typer.Option(None, "--data", help="With --task loss: instruction records to score."),
+    harness: Optional[str] = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, comma-separated (sara_svamp, sara_boolq_mc, ...)."),
+    harness_args: list[str] = typer.Option([], "--harness-args", help="KEY=VALUE for lm_eval.simple_evaluate (num_fewshot=5, apply_chat_template=true); repeat."),
 ) -> None:
-    """Benchmark accuracy with the LLM-Adapters protocol (or mean loss with --task loss)."""
-    from sara_cli import tasks
-    from sara_cli.cli_views import eval_progress, eval_table
-
-    if score is not None:
-        (only,) = _one_task(tasks.resolve_tasks(task))
-        result = tasks.score_predictions(score, only)
-        console.print(f"{only.name}: {result['correct']}/{result['n']} correct, accuracy "
-                      f"{result['accuracy']:.4f}", highlight=False)
-        if json_path is not None:
-            from sara_cli.files import write_json
-
-            write_json(json_path, {k: v for k, v in result.items()})
-            console.print(f"wrote {json_path}", markup=False)
-        return
-    if model is None:
-        raise SaraError("give a MODEL (merged checkpoint, run folder or base model), or --score FILE")
+    """Benchmark accuracy with the LLM-Adapters protocol, mean loss, or lm-evaluation-harness tasks."""
     from sara_cli import evaluate
 
-    evaluate.check_options(protocol, batch_size, limit, max_new_tokens)
-    if task == "loss":
-        if data is None:
-            raise SaraError("--task loss needs --data FILE (instruction records)")
-        from sara_cli.data import check_data_reference
-
-        check_data_reference(data)  # before the model loads
-        loaded, tokenizer, description, config = evaluate.load_model(model)
-        result = evaluate.mean_loss(loaded, tokenizer, data, config, batch_size, limit)
+    mode = evaluate.choose_mode(model, task, score, harness, data, protocol, json_path)
+    evaluate.check_targets(out, json_path)
+    if mode == "score":
+        name, result = evaluate.score_file(score, task, json_path)
+        console.print(f"{name}: {result['correct']}/{result['n']} correct, accuracy "
+                      f"{result['accuracy']:.4f}", highlight=False)
+    elif mode == "loss":
+        description, result = evaluate.loss(model, data, batch_size, limit, json_path)
         console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "
                       f"{result['perplexity']:.3f} over {result['tokens']:,d} tokens", highlight=False)
-        if json_path is not None:
-            from sara_cli.files import write_json
+    elif mode == "harness":
+        from sara_cli import harness as bridge
 
-            write_json(json_path, result)
-            console.print(f"wrote {json_path}", markup=False)
+        report = bridge.run(model, harness, harness_args, data_dir, batch_size, limit, out, max_new_tokens)
+        console.print(report.table, highlight=False, markup=False)
+        console.print(f"wrote {report.results_path} and {len(report.sample_paths)} samples file(s)",
+                      highlight=False, markup=False)
+    else:
+        from sara_cli.cli_views import eval_progress, eval_table
+
+        with eval_progress(console) as (on_start, on_done):
+            run = evaluate.benchmarks(model, task, data_dir, protocol, batch_size, limit, max_new_tokens, out,
+                                      on_start, on_done)
+        eval_table(console, run.results, run.summary, protocol)
+        console.print(f"wrote {run.out}/summary.json and one <task>.jsonl per task", highlight=False,
+                      markup=False)
+    if json_path is not None and mode in ("score", "loss"):
+        console.print(f"wrote {json_path}", highlight=False, markup=False)
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+@command
+def chat(
+    model: str = typer.Argument(..., help="Run or adapter folder, merged checkpoint, or base model."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this once and exit (for scripts)."),
+    template: Optional[str] = typer.Option(None, "--template", help="alpaca, plain or chat; default: the run's own."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 greedy, above 0 samples; default: the model's generation_config."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling share; default: the model's generation_config."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
+) -> None:
+    """Talk to a model with its run's template, tokens streamed; Ctrl-C stops an answer, Ctrl-D leaves."""
+    from sara_cli.chat import generation_settings, open_session
+
+    settings = generation_settings(max_new_tokens, temperature, top_p)
+    with err_console.status("loading"):
+        session, description = open_session(model, template, settings, system)
+    if prompt is not None:
+        _stream_answer(session, prompt)
         return
-    if data is not None:
-        raise SaraError("--data goes with --task loss; for benchmarks name tasks or test files in --task")
-    chosen = tasks.resolve_tasks(task)
-    for t in chosen:  # fail on missing data before loading a model
-        tasks.load_records(t, data_dir, 1)
-    import time
-
-    started = time.perf_counter()
-    loaded, tokenizer, description, _ = evaluate.load_model(model)
-    results = []
-    with eval_progress(console) as (on_start, on_done):
-        for t in chosen:
-            results.append(evaluate.evaluate_task(loaded, tokenizer, t, data_dir, protocol, batch_size,
-                                                  limit, max_new_tokens, on_start, on_done))
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in (Path(model).name or "model"))
-    out = out or Path("eval-results") / f"{name}-{protocol}"
-    summary = evaluate.write_results(out, results, protocol, description, time.perf_counter() - started)
-    eval_table(console, results, summary, protocol)
-    console.print(f"wrote {out}/summary.json and one <task>.jsonl per task", markup=False)
+    err_console.print(f"chat with {description}; Ctrl-C stops an answer, Ctrl-D leaves", highlight=False,
+                      soft_wrap=True)
+    while True:
+        try:
+            message = console.input("[bold]>[/] ")
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            console.print("  (Ctrl-D leaves)")
+            continue
+        if message.strip():
+            _stream_answer(session, message)
 
 
-def _one_task(chosen):
-    if len(chosen) != 1:
-        raise SaraError("--score takes exactly one --task (the rules to score the file with)")
-    return chosen
+def _stream_answer(session, message: str) -> None:
+    try:
+        for piece in session.reply(message):
+            console.out(piece, end="", highlight=False)
+    except KeyboardInterrupt:
+        console.out(" [stopped]", end="", highlight=False)
+    console.out("")
 
 
 # -- route-map -----------------------------------------------------------------------------------

@@ -190,9 +190,12 @@ def merge_report(console: Console, report) -> None:
             f"[{report.shards} shard{'s' if report.shards != 1 else ''}]")
     console.print(f"{what} in {report.seconds:.1f} s, peak host memory {report.peak_memory_mb:,.0f} MB",
                   highlight=False, markup=False)
+    if report.export:
+        export_report(console, report.export)
     if not v:
         return
-    line = (f"verification ({v['dtype']}): max |logit diff| {v['max_abs_logit_diff']:.3g}, "
+    label = f"{v['dtype']}, exported LoRA vs adapter" if report.format == "peft-lora" else v["dtype"]
+    line = (f"verification ({label}): max |logit diff| {v['max_abs_logit_diff']:.3g}, "
             f"greedy agreement {v['greedy_agreement']:.2%} over {v['tokens']} tokens")
     if "calibration_loss_change" in v:
         line += (f"; calibration loss routed {v['calibration_loss_routed']:.4f} -> merged "
@@ -200,7 +203,34 @@ def merge_report(console: Console, report) -> None:
                  " [mean routing: an approximation]")
     elif v.get("passed"):
         line += " [passed]"
+    elif v.get("exact") is False:
+        line += " [an approximation: reported, not judged]"
     console.print(line, highlight=False, markup=False)
+
+
+def export_report(console: Console, summary: dict, shown: int = 8) -> None:
+    """Ranks, the vLLM --max-lora-rank that serves the export, and the truncated modules."""
+    rank, vllm = summary["rank"], summary["vllm_max_lora_rank"]
+    console.print(f"ranks {summary['min_rank']}..{rank}, top-level r = lora_alpha = {rank}; " +
+                  (f"serve with vLLM --max-lora-rank {vllm}" if vllm else "no vLLM --max-lora-rank serves it"),
+                  highlight=False, markup=False)
+    if vllm is None:
+        console.print(f"[yellow]warning:[/] the largest rank, {rank}, exceeds vLLM's largest --max-lora-rank "
+                      "(512); pass --max-rank 512 to truncate, or serve the merged checkpoint (--format hf)",
+                      highlight=False)
+    truncated = summary["truncated"]
+    if not truncated:
+        return
+    table = Table(title=f"truncated to --max-rank {summary['max_rank']}: {len(truncated)} modules "
+                        "(lowest kept energy first)", title_justify="left")
+    for column in ("module", "rank", "exported", "kept energy"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    worst = sorted(truncated.items(), key=lambda item: item[1]["kept_energy"])
+    for name, m in worst[:shown]:
+        table.add_row(name, str(m["rank"]), str(m["exported_rank"]), f"{m['kept_energy']:.4%}")
+    if len(worst) > shown:
+        table.add_row(f"... {len(worst) - shown} more in README.md", "", "", "")
+    console.print(table)
 
 
 @contextmanager

@@ -1,4 +1,9 @@
-"""`sara eval`: generate answers for benchmark tasks and score them the LLM-Adapters way.
+"""`sara eval`: one core function per mode; the command only dispatches.
+
+- `benchmarks`: generate answers for benchmark tasks and score them the LLM-Adapters way;
+- `mean_loss_of`: mean token loss and perplexity over instruction records;
+- `score_file`: rescore a saved predictions file, no model;
+- the lm-evaluation-harness bridge lives in `harness.py`.
 
 Two protocols share the prompt (`tasks.eval_prompt`) and the scoring (`tasks.score_outputs`):
 - `llm-adapters`: one example at a time, beam search with 4 beams, no sampling, exactly as the
@@ -15,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sara_cli import checkpoint, hub, tasks
+from sara_cli import checkpoint, hub, rundir, tasks
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_path, write_json
+from sara_cli.files import atomic_path, check_output_file, check_writable, write_json
 
 PROTOCOLS = ("fast", "llm-adapters")
 
@@ -205,3 +210,144 @@ def check_options(protocol: str, batch_size: int, limit: int | None, max_new_tok
         raise SaraError(f"--limit must be at least 1, got {limit}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise SaraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+
+
+# -- the modes of `sara eval` ----------------------------------------------------------------------
+
+MODES = ("benchmarks", "loss", "score", "harness")
+
+
+def choose_mode(model: str | None, task: str | None, score: Path | None, harness: str | None,
+                data: str | None, protocol: str = "fast", json_path: Path | None = None) -> str:
+    """Which mode the options ask for, checked before anything loads.
+
+    Raises:
+        SaraError: options from two modes, or a mode without what it needs.
+    """
+    mode = _mode(model, task, score, harness, data)
+    if protocol != "fast" and mode != "benchmarks":
+        raise SaraError(f"--protocol chooses how --task benchmarks generate; it does not apply to {mode} mode")
+    if json_path is not None and mode not in ("score", "loss"):
+        raise SaraError("--json goes with --score or --task loss; benchmark and harness results are "
+                        "written to their results folder (--out)")
+    return mode
+
+
+def _mode(model: str | None, task: str | None, score: Path | None, harness: str | None, data: str | None) -> str:
+    if score is not None:
+        if harness is not None or model is not None:
+            raise SaraError("--score rescores a predictions file without a model; drop MODEL and --harness")
+        if task is None:
+            raise SaraError("--score needs --task NAME (the rules to score the file with)")
+        return "score"
+    if model is None:
+        raise SaraError("give a MODEL (merged checkpoint, run folder or base model), or --score FILE")
+    if harness is not None:
+        if task is not None or data is not None:
+            raise SaraError("--harness runs lm-evaluation-harness tasks; drop --task and --data "
+                            "(sara's bundled tests are the harness tasks sara_<task>)")
+        return "harness"
+    if task is None:
+        raise SaraError("give --task TASKS (e.g. svamp,boolq), --task loss --data FILE, or --harness TASKS")
+    if task == "loss":
+        if data is None:
+            raise SaraError("--task loss needs --data FILE (instruction records)")
+        return "loss"
+    if data is not None:
+        raise SaraError("--data goes with --task loss; for benchmarks name tasks or test files in --task")
+    return "benchmarks"
+
+
+def results_folder(model: str, mode: str, out: Path | None = None) -> Path:
+    """Where a mode writes: --out when given; else inside the run for a run folder or its adapter/
+    (RUN/eval/<mode>; RUN/eval/checkpoint-N-<mode> for a checkpoint); else
+    eval-results/<name>-<mode> in the current folder, `<name>` being MODEL's last part."""
+    if out is not None:
+        return Path(out)
+    found = rundir.run_of(Path(model))
+    if found is not None:
+        run, inside = found
+        return run / "eval" / (f"{inside}-{mode}" if inside else mode)
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in (Path(model).name or "model"))
+    return Path("eval-results") / f"{name}-{mode}"
+
+
+def check_targets(out: Path | None, json_path: Path | None) -> None:
+    """Fail before any work when --out or --json cannot be written, or --out lies inside a run's
+    adapter or checkpoint folder.
+
+    Raises:
+        SaraError: naming the flag and the path.
+    """
+    if out is not None:
+        check_writable(out, "--out")
+        rundir.check_outside_managed(out, "--out")
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+
+
+@dataclass
+class Benchmarks:
+    """What `benchmarks` wrote to `out`: the per-task results and summary.json's content."""
+
+    out: Path
+    results: list[TaskResult]
+    summary: dict
+
+
+def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str, batch_size: int,
+               limit: int | None, max_new_tokens: int | None, out: Path | None = None,
+               on_start=None, on_done=None) -> Benchmarks:
+    """Generate and score every task in `task_spec`; write <out>/<task>.jsonl and summary.json.
+
+    Args:
+        out: results folder; None: `results_folder(model, protocol)`.
+
+    Raises:
+        SaraError: a bad option, task, data file or output folder, each before the model loads.
+    """
+    check_options(protocol, batch_size, limit, max_new_tokens)
+    chosen = tasks.resolve_tasks(task_spec)
+    for task in chosen:  # fail on missing data before loading a model
+        tasks.load_records(task, data_dir, 1)
+    out = results_folder(model, protocol, out)
+    check_writable(out, "the results folder")
+    started = time.perf_counter()
+    loaded, tokenizer, description, _ = load_model(model)
+    results = [evaluate_task(loaded, tokenizer, task, data_dir, protocol, batch_size, limit, max_new_tokens,
+                             on_start, on_done) for task in chosen]
+    summary = write_results(out, results, protocol, description, time.perf_counter() - started)
+    return Benchmarks(out, results, summary)
+
+
+def loss(model: str, data: str, batch_size: int, limit: int | None,
+         json_path: Path | None = None) -> tuple[str, dict]:
+    """`--task loss`: (what was loaded, `mean_loss`'s figures); also written to `json_path`.
+
+    Raises:
+        SaraError: a bad option or a missing data file (before the model loads), or bad records.
+    """
+    from sara_cli.data import check_data_reference
+
+    check_options("fast", batch_size, limit, None)
+    check_data_reference(data)
+    loaded, tokenizer, description, config = load_model(model)
+    result = mean_loss(loaded, tokenizer, data, config, batch_size, limit)
+    if json_path is not None:
+        write_json(json_path, result)
+    return description, result
+
+
+def score_file(predictions: Path, task_spec: str, json_path: Path | None = None) -> tuple[str, dict]:
+    """`--score`: (task name, `tasks.score_predictions`'s result); also written to `json_path`.
+
+    Raises:
+        SaraError: not exactly one task, or a bad predictions file.
+    """
+    chosen = tasks.resolve_tasks(task_spec)
+    if len(chosen) != 1:
+        raise SaraError("--score takes exactly one --task (the rules to score the file with)")
+    result = tasks.score_predictions(predictions, chosen[0])
+    if json_path is not None:
+        write_json(json_path, result)
+    return chosen[0].name, result

@@ -25,7 +25,7 @@ from pathlib import Path
 from sara_cli import checkpoint, hub
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, check_writable
-from sara_cli.verify import check_merged, mean_routing, verification_texts
+from sara_cli.verify import check_export, check_merged, mean_routing, verification_texts
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 BASE_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
@@ -43,6 +43,7 @@ class MergeReport:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     verification: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)  # --format peft-lora: export.export_summary
 
 
 # -- the update, functional on the saved tensors ----------------------------------------------------
@@ -267,8 +268,14 @@ def check_out(out: Path, overwrite: bool) -> None:
     check_writable(out.parent, "--out")
 
 
-def check_options(method: str, routing: str, calibration: str | None, fmt: str, dtype: str) -> None:
+def check_options(method: str, routing: str, calibration: str | None, fmt: str, dtype: str,
+                  max_rank: int | None = None) -> None:
     """The option combinations `merge` accepts for an adapter of `method`."""
+    if max_rank is not None and fmt != "peft-lora":
+        raise SaraError("--max-rank caps the rank of a --format peft-lora export; a merged checkpoint "
+                        "has no rank to cap: add --format peft-lora or drop --max-rank")
+    if max_rank is not None and max_rank < 1:
+        raise SaraError(f"--max-rank must be at least 1, got {max_rank}")
     if routing not in ("refuse", "mean"):
         raise SaraError(f"--routing must be refuse or mean, got '{routing}'")
     if fmt not in ("hf", "peft-lora"):
@@ -339,7 +346,8 @@ def publish_permissions(folder: Path) -> None:
 
 def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", max_shard_size: str = "5GB",
           verify: bool = True, routing: str = "refuse", calibration: str | None = None,
-          fmt: str = "hf", force: bool = False, overwrite: bool = False) -> MergeReport:
+          fmt: str = "hf", force: bool = False, overwrite: bool = False,
+          max_rank: int | None = None) -> MergeReport:
     """Merge the adapter in `path` (a run or adapter folder) into its base; write to `out`.
 
     Raises:
@@ -354,7 +362,7 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
     adapter_dir = checkpoint.find_adapter_dir(path)
     config = checkpoint.read_config(adapter_dir)
     method = config["method"]
-    check_options(method, routing, calibration, fmt, dtype)
+    check_options(method, routing, calibration, fmt, dtype, max_rank)
     max_bytes = parse_size(max_shard_size)
     check_out(out, overwrite)
     base_ref = base or config["base_model"]["name_or_path"]
@@ -384,13 +392,19 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
         with atomic_dir(out, overwrite=overwrite) as staging:
             if fmt == "peft-lora":
                 from sara_cli.builtin import is_builtin
-                from sara_cli.export import write_peft_lora
+                from sara_cli.export import export_summary, write_peft_lora
 
                 # PEFT resolves the base by name; a built-in model is named by its local folder.
                 peft_base = str(base_dir) if is_builtin(base_ref) else base_ref
-                write_peft_lora(staging, updates, mapping, peft_base, hub.is_conv1d_checkpoint(base_config),
-                                revision)
+                transposed = hub.is_conv1d_checkpoint(base_config)
+                exported = write_peft_lora(staging, updates, mapping, peft_base, transposed, revision, max_rank)
+                report.export = export_summary(exported, max_rank)
                 report.tensors_merged, report.shards = len(updates), 1  # adapter_model.safetensors
+                if verify:
+                    # Truncated or mean-routed exports approximate the adapter: figures only.
+                    exact = method != "mosara" and not report.export["truncated"]
+                    report.verification = check_export(adapter_dir, str(base_dir), staging, dtype_name, texts,
+                                                       transposed, exact, routed)
             else:
                 report.tensors_merged, report.shards = stream_merge(
                     base_dir, staging, updates, out_dtype, hub.is_conv1d_checkpoint(base_config), max_bytes)

@@ -153,25 +153,27 @@ def load_sources(task_spec: str | None, data: str | None, limit: int | None,
 
 
 def output_folder(path: Path, out: Path | None) -> Path:
-    """Where route-map writes: `out`, or the run's own folder (RUN/route-map) by default.
+    """Where route-map writes: `out`, or inside the run (RUN/route-map) by default, as `sara eval`
+    writes RUN/eval; an adapter folder outside a run writes ./route-map/<its name>.
 
     Raises:
-        SaraError: `out` is a file or cannot be created (before any work is done).
+        SaraError: `out` is a file, cannot be created, or lies inside a run's adapter or
+            checkpoint folder (before any work is done).
     """
     from sara_cli.files import check_writable
+    from sara_cli.rundir import check_outside_managed, run_of
 
     if out is None:
-        from sara_cli.rundir import CHECKPOINT
-
         adapter_dir = checkpoint.find_adapter_dir(path)
-        if adapter_dir.name == "adapter":
-            out = adapter_dir.parent / "route-map"
-        elif CHECKPOINT.match(adapter_dir.name):  # not inside it: old checkpoints are deleted
-            out = adapter_dir.parent / f"route-map-{adapter_dir.name}"
+        run = run_of(Path(path)) or run_of(adapter_dir)
+        if run is None:
+            out = Path("route-map") / Path(path).absolute().name
         else:
-            out = adapter_dir / "route-map"
+            folder, inside = run
+            out = folder / (f"route-map-{inside}" if inside else "route-map")
     if out.exists() and not out.is_dir():
         raise SaraError(f"--out {out} is a file; give a folder for route-map.png, .json and .csv")
+    check_outside_managed(out, "--out")
     check_writable(out, "--out")
     return out
 

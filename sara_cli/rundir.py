@@ -264,3 +264,41 @@ def locked(output_dir: Path) -> Iterator[None]:
             raise
     finally:
         handle.close()  # closing releases the lock
+
+
+def run_of(path: Path) -> tuple[Path, str] | None:
+    """(run folder, what inside it) when `path` is a training output folder ("" : its adapter),
+    its adapter/ folder (""), or one of its checkpoint-N folders ("checkpoint-N"); else None.
+    Results computed from a run are written inside it, as its other outputs are."""
+    path = Path(path)
+    if (path / "adapter" / checkpoint.CONFIG_NAME).is_file():
+        return path, ""
+    if (path / checkpoint.CONFIG_NAME).is_file():
+        if path.name == "adapter":  # the name train gives it: its parent is the run
+            return path.parent, ""
+        if CHECKPOINT.match(path.name) and (path.parent / checkpoint.RECIPE_NAME).is_file():
+            return path.parent, path.name
+    return None
+
+
+def _adapter_like(folder: Path) -> bool:
+    """An adapter or checkpoint folder: train writes it, merge and eval read it."""
+    return (folder / checkpoint.CONFIG_NAME).is_file() or (folder / "trainer_state.json").is_file()
+
+
+def check_outside_managed(out: Path, label: str) -> None:
+    """Refuse an output folder that is a run folder itself or lies inside a run's adapter or
+    checkpoint folders, whose files train and merge own. RUN/eval/... and other new folders
+    inside a run are fine.
+
+    Raises:
+        SaraError: naming the flag, the path and the managed folder.
+    """
+    target = Path(out).absolute()
+    if (target / "adapter" / checkpoint.CONFIG_NAME).is_file() or complete_checkpoints(target):
+        raise SaraError(f"{label} {out} is a run folder; give a folder of its own (for a run, the default "
+                        "is RUN/eval/...)")
+    for folder in (target, *target.parents):
+        if _adapter_like(folder):
+            raise SaraError(f"{label} {out} lies inside {folder}, an adapter or checkpoint folder whose "
+                            "files train and merge manage; choose another folder")

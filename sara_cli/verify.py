@@ -142,25 +142,17 @@ def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str
 
 def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: str, texts: list[str],
                  routed=None, routed_calibration=None, calibration_texts=()) -> dict:
-    """Run the adapter model and the merged checkpoint on `texts`; fail on a real mismatch.
-
-    float32: at most 1e-4 logit difference and 100% greedy agreement. bf16/fp16: fail only past
-    HALF_PRECISION_TOLERANCE of the logit spread. Mo-SARA (routed is given): report only.
+    """Run the adapter model and the merged checkpoint on `texts`; fail on a real mismatch
+    (`judge`). Mo-SARA (calibration texts given): report only.
     """
-    import torch
-
     merged = load_merged(staging, dtype_name)
     tokenizer = checkpoint.load_tokenizer(staging)
-    for name, p in merged.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise SaraError(f"merged tensor {name} holds NaN or inf; the adapter is broken")
+    check_finite(merged, "merged tensor {name} holds NaN or inf")
     merged_out = run_model(merged, tokenizer, texts)
     merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
     free(merged)
     if routed is None:
-        model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
-        routed = run_model(model, tokenizer, texts)
-        free(model)
+        routed = adapter_outputs(adapter_dir, base_ref, dtype_name, texts)
     figures = compare(routed, merged_out)
     figures["dtype"] = dtype_name
     if merged_calibration is not None:
@@ -169,6 +161,35 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
         figures["calibration_loss_change"] = merged_calibration.loss - routed_calibration.loss
         figures["exact"] = False
         return figures
+    return judge(figures, dtype_name, "merged")
+
+
+def check_finite(model, message: str) -> None:
+    """Raise SaraError(`message` with {name}) for the first floating tensor holding NaN or inf."""
+    import torch
+
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise SaraError(message.format(name=name) + "; the adapter is broken")
+
+
+def adapter_outputs(adapter_dir: Path, base_ref: str, dtype_name: str, texts: list[str]) -> Outputs:
+    """The adapter model's outputs on `texts`: the reference every merge and export is checked against."""
+    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
+    outputs = run_model(model, tokenizer, texts)
+    free(model)
+    return outputs
+
+
+def judge(figures: dict, dtype_name: str, what: str) -> dict:
+    """Pass `compare`'s figures for an exact merge or export, or raise; sets figures["passed"].
+
+    float32: at most 1e-4 logit difference and 100% greedy agreement. bf16/fp16: fail only past
+    HALF_PRECISION_TOLERANCE of the logit spread.
+
+    Raises:
+        SaraError: the figures are past the limit (`what` names the model checked).
+    """
     if dtype_name == "float32":
         ok = figures["max_abs_logit_diff"] <= 1e-4 and figures["greedy_agreement"] == 1.0
         limit = "1e-4 and 100% agreement"
@@ -177,7 +198,51 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
         limit = f"{HALF_PRECISION_TOLERANCE:.0%} of the logit spread"
     figures["passed"] = ok
     if not ok:
-        raise SaraError(f"verification failed: merged logits differ from the adapter model's by "
+        raise SaraError(f"verification failed: {what} logits differ from the adapter model's by "
                         f"{figures['max_abs_logit_diff']:.3g} (limit {limit}), greedy agreement "
                         f"{figures['greedy_agreement']:.1%}; nothing was written")
     return figures
+
+
+def apply_lora_export(model, export_dir: Path, transposed: bool) -> None:
+    """Add each module's exported lora_B @ lora_A to its weight, read back from the written file:
+    the model a LoRA server computes (scale 1), summed in float32 and cast once."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(export_dir) / "adapter_model.safetensors"))
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    with torch.no_grad():
+        for key, A in state.items():
+            if not key.endswith(suffix):
+                continue
+            module = key[len(prefix):-len(suffix)]
+            B = state[f"{prefix}{module}.lora_B.weight"]
+            weight = model.get_submodule(module).weight
+            delta = (B @ A).to(weight.device)  # (out, in), float32
+            weight.copy_((weight.float() + (delta.T if transposed else delta)).to(weight.dtype))
+
+
+def check_export(adapter_dir: Path, base_ref: str, export_dir: Path, dtype_name: str, texts: list[str],
+                 transposed: bool, exact: bool, reference: Outputs | None = None) -> dict:
+    """Run the adapter model and the base with the exported LoRA factors on `texts`.
+
+    Args:
+        exact: the export should reproduce the adapter (no --max-rank truncation, no Mo-SARA
+            mean routing): judged by `judge`. Otherwise the figures are only reported.
+        reference: the adapter model's outputs on `texts` when already computed (Mo-SARA).
+
+    Raises:
+        SaraError: NaN/inf in the exported model, or an exact export past `judge`'s limit.
+    """
+    exported = load_merged(base_ref, dtype_name)
+    apply_lora_export(exported, export_dir, transposed)
+    check_finite(exported, "exported LoRA factors make {name} NaN or inf")
+    exported_out = run_model(exported, checkpoint.load_tokenizer(base_ref), texts)
+    free(exported)
+    if reference is None:
+        reference = adapter_outputs(adapter_dir, base_ref, dtype_name, texts)
+    figures = compare(reference, exported_out)
+    figures["dtype"] = dtype_name
+    figures["exact"] = exact
+    return judge(figures, dtype_name, "exported LoRA") if exact else figures

@@ -103,3 +103,23 @@ def run_cli(*args):
     from sara_cli.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def trained_mosara_run(llama_dir, tmp_path_factory) -> Path:
+    """A finished Mo-SARA run on the tiny Llama (alpaca template), trained through the API for three
+    steps at a rate high enough that the routed adapter clearly changes the model's output."""
+    from sara_cli.recipe import validate
+    from sara_cli.train import train
+
+    out = tmp_path_factory.mktemp("mosara-run") / "run"
+    recipe = validate({
+        "model": {"name_or_path": str(llama_dir), "dtype": "float32"},
+        "adapter": {"method": "mosara", "targets": "q_proj,v_proj", "tau": 0.5, "num_experts": 3},
+        "data": {"train_file": "builtin:mawps-quickstart", "limit": 12, "cutoff_len": 96,
+                 "train_on_inputs": False},
+        "train": {"output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 4,
+                  "learning_rate": 0.05, "logging_steps": 1, "save_steps": 100, "seed": 0},
+    })
+    train(recipe)
+    return out

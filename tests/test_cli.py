@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from sara_cli import __version__
 from sara_cli.cli import app
 
-COMMANDS = ("analyze", "train", "merge", "eval", "route-map")
+COMMANDS = ("analyze", "train", "merge", "eval", "route-map", "chat")
 
 
 def test_help_lists_every_command():
@@ -30,7 +30,7 @@ def test_help_does_not_import_torch_or_transformers():
     code = ("import sys; sys.argv = ['sara', '--help']\n"
             "from sara_cli.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib', 'lm_eval') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
@@ -54,3 +54,12 @@ def test_error_boundary_one_line_and_debug_traceback(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "sara_cli", "analyze", missing, "--debug"],
                            capture_output=True, text=True, env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "SaraError" in debug.stderr
+
+
+def test_error_messages_are_text_not_markup(tmp_path):
+    """A message with brackets (an extra's name, a path) is printed as written."""
+    from conftest import one_line_error
+
+    missing = tmp_path / "run[1]"
+    line = one_line_error(CliRunner().invoke(app, ["merge", str(missing), "--out", str(tmp_path / "out")]))
+    assert f"{missing} does not exist" in line

@@ -133,6 +133,63 @@ def test_eval_accepts_run_adapter_and_merged_folders(llama_dir, sara_run, merged
     assert got["run"][1] != got["base"][1]
 
 
+def test_results_of_a_run_go_inside_it(sara_run, llama_dir, tmp_path, monkeypatch):
+    """No --out: RUN/eval/<protocol> for a run or its adapter/ folder, said on stdout; a model
+    that is not a run keeps ./eval-results/<name>-<protocol>."""
+    monkeypatch.chdir(tmp_path)
+    for model in (sara_run, sara_run / "adapter"):
+        result = ok(run_cli("eval", model, "--task", "boolq", "--limit", 2, "--max-new-tokens", 2))
+        assert f"wrote {sara_run / 'eval' / 'fast'}/summary.json" in result.stdout
+        check_outputs_n(sara_run / "eval" / "fast", "boolq", 2)
+    result = ok(run_cli("eval", llama_dir, "--task", "boolq", "--limit", 2, "--max-new-tokens", 2))
+    assert f"wrote eval-results/{llama_dir.name}-fast/summary.json" in result.stdout
+    check_outputs_n(tmp_path / "eval-results" / f"{llama_dir.name}-fast", "boolq", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-results"]
+
+
+def test_results_folder_names_what_was_evaluated(tmp_path):
+    """A run's checkpoint-N gets its own folder in RUN/eval; an adapter folder outside a run does
+    not count as a run."""
+    run = tmp_path / "run"
+    for folder in ("adapter", "checkpoint-20"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "sara_config.json").write_text("{}")
+    (run / "recipe.yaml").write_text("model: {}\n")
+    loose = tmp_path / "loose-adapter"
+    loose.mkdir()
+    (loose / "sara_config.json").write_text("{}")
+    assert evaluate.results_folder(str(run), "fast") == run / "eval" / "fast"
+    assert evaluate.results_folder(str(run / "adapter"), "harness") == run / "eval" / "harness"
+    assert evaluate.results_folder(str(run / "checkpoint-20"), "fast") == run / "eval" / "checkpoint-20-fast"
+    assert evaluate.results_folder(str(loose), "fast") == Path("eval-results") / "loose-adapter-fast"
+    assert evaluate.results_folder("builtin:tiny-llama", "fast") == Path("eval-results") / "builtin-tiny-llama-fast"
+    assert evaluate.results_folder(str(run), "fast", tmp_path / "mine") == tmp_path / "mine"
+
+
+def check_outputs_n(out: Path, task: str, n: int) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"][task]["n"] == n and len((out / f"{task}.jsonl").read_text().splitlines()) == n
+
+
+def test_out_is_checked_before_any_work(sara_run, llama_dir, tmp_path):
+    """A file, a path under a file, or a folder that train and merge manage: one line, at once,
+    and nothing changes there."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep")
+    adapter_files = {p.name: p.read_bytes() for p in (sara_run / "adapter").iterdir()}
+    cases = [(blocker, "is a file"), (blocker / "results", "is a file"),
+             (sara_run / "adapter", "adapter or checkpoint folder"),
+             (sara_run / "adapter" / "results", "adapter or checkpoint folder"),
+             (sara_run, "is a run folder")]
+    for out, message in cases:
+        one_line_error(run_cli("eval", llama_dir, "--task", "svamp", "--out", out), "--out", message)
+    one_line_error(run_cli("eval", llama_dir, "--task", "loss", "--data", "builtin:mawps-quickstart",
+                           "--json", blocker / "loss.json"), "--json", "is a file")
+    assert blocker.read_text() == "keep"
+    assert {p.name: p.read_bytes() for p in (sara_run / "adapter").iterdir()} == adapter_files
+    assert not (sara_run / "summary.json").exists()
+
+
 # -- protocols -------------------------------------------------------------------------------------
 
 

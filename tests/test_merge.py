@@ -512,6 +512,164 @@ def test_peft_lora_export_on_conv1d(gpt2_run, plain, tmp_path, gpt2_dir, work):
     assert np.abs(logits - plain["gpt2"][0]).max() <= FP32_TOLERANCE
 
 
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py
+
+
+def vllm_problems(folder: Path, max_lora_rank: int) -> list[str]:
+    """What vLLM would refuse or get wrong serving `folder` with --max-lora-rank N, written from
+    its rules (vllm/config/lora.py, vllm/lora/peft_helper.py), not from sara's code:
+    - --max-lora-rank is one of VLLM_MAX_LORA_RANKS;
+    - the early check compares the top-level `r` (newer versions: also rank_pattern) with it;
+    - older versions ignore rank_pattern/alpha_pattern and apply lora_alpha / r to every module,
+      newer ones the per-module alpha / rank: either way every module must get the scale 1 the
+      factors were written for; use_rslora would make it alpha / sqrt(r);
+    - each module's factors (rank = rows of lora_A) are zero-padded up to the cap;
+    - DoRA, modules_to_save, bias and base-modifying inits (PiSSA, OLoRA, ...) are refused."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    problems = []
+    if max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        problems.append(f"--max-lora-rank {max_lora_rank} is not an allowed value")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            problems.append(f"missing {key}")
+    if max([config["r"], *config.get("rank_pattern", {}).values()]) > max_lora_rank:
+        problems.append("rank above max_lora_rank")
+    if config.get("use_dora") or config.get("modules_to_save") or config.get("bias", "none") != "none":
+        problems.append("DoRA, modules_to_save or bias")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in ("gaussian", "eva", "orthogonal", "mica", "lora_ga"):
+        problems.append(f"init_lora_weights {init}")
+    if config.get("use_rslora") or config["lora_alpha"] / config["r"] != 1:
+        problems.append("the scale vLLM applies to every module is not 1")
+    modules = {k[len("base_model.model."):-len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")}
+    for module in modules:
+        A = weights[f"base_model.model.{module}.lora_A.weight"]
+        B = weights[f"base_model.model.{module}.lora_B.weight"]
+        rank = A.shape[0]
+        if B.shape[1] != rank or rank > max_lora_rank:
+            problems.append(f"{module}: factors {tuple(B.shape)} x {tuple(A.shape)} do not fit the cap")
+        if config["rank_pattern"].get(module) != rank or config["alpha_pattern"].get(module) != rank:
+            problems.append(f"{module}: rank_pattern/alpha_pattern disagree with the tensors")
+        if module.split(".")[-1] not in config["target_modules"]:
+            problems.append(f"{module} not in target_modules")
+    return problems
+
+
+def smallest_allowed(rank: int) -> int | None:
+    return next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
+
+
+@pytest.mark.parametrize("method", ["sara", "pissa"])
+def test_peft_lora_export_meets_vllm_rules(method, runs, tmp_path):
+    out = tmp_path / "peft"
+    result = run_cli(runs[method], "--out", out, "--format", "peft-lora")
+    assert result.exit_code == 0, result.output
+    exported = json.loads((out / "adapter_config.json").read_text())
+    top = max(exported["rank_pattern"].values())
+    assert exported["r"] == exported["lora_alpha"] == top  # not the median: vLLM's early check sees it
+    cap = smallest_allowed(top)
+    assert f"serve with vLLM --max-lora-rank {cap}" in result.output
+    assert vllm_problems(out, cap) == []
+    lower = VLLM_MAX_LORA_RANKS[VLLM_MAX_LORA_RANKS.index(cap) - 1]
+    assert "rank above max_lora_rank" in vllm_problems(out, lower)  # the checker's rank rule bites
+    assert re.search(r"verification \(float32, exported LoRA vs adapter\): .* \[passed\]", result.output)
+
+
+def test_max_rank_truncates_by_svd_with_reported_energy(runs, tmp_path, llama_dir, work):
+    """Modules above --max-rank hold the best rank-N approximation of their update (numpy SVD),
+    the kept energy is its share of ||delta W||_F^2, PEFT loads the result, and vLLM can serve it."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    config, state = adapter_state(runs["sara"])
+    ranks = config["ranks"]
+    cap = sorted(set(ranks.values()))[len(set(ranks.values())) // 2] - 1  # some modules above, maybe some not
+    assert cap >= 1 and any(k > cap for k in ranks.values())
+    out = tmp_path / "peft"
+    result = run_cli(runs["sara"], "--out", out, "--format", "peft-lora", "--max-rank", cap)
+    assert result.exit_code == 0, result.output
+    assert "[an approximation: reported, not judged]" in result.output
+    assert f"truncated to --max-rank {cap}" in result.output
+    exported = json.loads((out / "adapter_config.json").read_text())
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    card = (out / "README.md").read_text()
+    base = tensors(llama_dir)
+    expected_weights = {}
+    for module, k in ranks.items():
+        t = state[module]
+        delta = (t["sara_U"] * t["sara_lambda"]) @ t["sara_Vh"]  # (out, in) float64
+        U, S, Vh = np.linalg.svd(delta, full_matrices=False)
+        n = min(k, cap)
+        best = (U[:, :n] * S[:n]) @ Vh[:n]
+        A = weights[f"base_model.model.{module}.lora_A.weight"].double().numpy()
+        B = weights[f"base_model.model.{module}.lora_B.weight"].double().numpy()
+        assert A.shape == (n, delta.shape[1]) and exported["rank_pattern"][module] == n
+        np.testing.assert_allclose(B @ A, best, atol=1e-6 * np.abs(delta).max())
+        if k > cap:
+            energy = float((S[:n] ** 2).sum() / (S**2).sum())
+            assert 0 < energy < 1
+            row = re.search(rf"\| {re.escape(module)} \| {k} \| {n} \| ([\d.]+)% \|", card)
+            assert row, card
+            assert float(row.group(1)) / 100 == pytest.approx(energy, abs=5e-7)  # printed to 4 decimals in %
+        expected_weights[module] = base[module + ".weight"].double().numpy() + best
+    assert exported["r"] == exported["lora_alpha"] == cap
+    assert vllm_problems(out, smallest_allowed(cap)) == []
+
+    # PEFT loads it, and computes the base plus the truncated update.
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir).eval(), str(out)).eval()
+    reference = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        for module, weight in expected_weights.items():
+            reference.get_submodule(module).weight.copy_(torch.from_numpy(weight))
+        ids = torch.from_numpy(np.load(token_ids(llama_dir, work)))
+        np.testing.assert_allclose(model(input_ids=ids).logits.numpy(), reference(input_ids=ids).logits.numpy(),
+                                   atol=FP32_TOLERANCE)
+
+
+def test_max_rank_report_figures_come_from_the_export(runs, tmp_path):
+    """The reported figures compare the untruncated adapter with the truncated export: a cap at
+    the largest rank changes nothing (passed), a cap of 1 moves the logits."""
+    config, _ = adapter_state(runs["sara"])
+    top = max(config["ranks"].values())
+    same = merge_module.merge(runs["sara"], tmp_path / "same", fmt="peft-lora", max_rank=top)
+    assert same.export["truncated"] == {} and same.verification["passed"]
+    cut = merge_module.merge(runs["sara"], tmp_path / "cut", fmt="peft-lora", max_rank=1)
+    assert cut.verification["exact"] is False and "passed" not in cut.verification
+    assert cut.verification["max_abs_logit_diff"] > 10 * same.verification["max_abs_logit_diff"]
+    assert set(cut.export["truncated"]) == {m for m, k in config["ranks"].items() if k > 1}
+
+
+@pytest.mark.parametrize(("rank", "cap"), [(1, 1), (2, 8), (8, 8), (9, 16), (300, 320), (321, 512),
+                                           (512, 512), (513, None)])
+def test_vllm_max_lora_rank(rank, cap):
+    from sara_cli.export import vllm_max_lora_rank
+
+    assert vllm_max_lora_rank(rank) == cap == smallest_allowed(rank)
+
+
+def test_rank_above_vllm_cap_warns():
+    from rich.console import Console
+
+    from sara_cli.cli_views import export_report
+
+    console = Console(record=True, width=200)
+    export_report(console, {"rank": 600, "min_rank": 4, "vllm_max_lora_rank": None, "max_rank": None,
+                            "truncated": {}})
+    text = console.export_text()
+    assert "no vLLM --max-lora-rank serves it" in text
+    assert "warning: the largest rank, 600, exceeds vLLM's largest --max-lora-rank (512)" in text
+    assert "--max-rank 512" in text and "--format hf" in text
+
+
+def test_max_rank_needs_peft_lora_and_a_positive_value(runs, tmp_path):
+    out = tmp_path / "out"
+    one_line_error(run_cli(runs["sara"], "--out", out, "--max-rank", 8), "--max-rank", "--format peft-lora")
+    one_line_error(run_cli(runs["sara"], "--out", out, "--format", "peft-lora", "--max-rank", 0),
+                   "--max-rank must be at least 1, got 0")
+    assert not out.exists()
+
+
 def test_peft_lora_rejects_dtype(runs, tmp_path):
     out = tmp_path / "peft"
     one_line_error(run_cli(runs["sara"], "--out", out, "--format", "peft-lora", "--dtype", "bfloat16"),
