@@ -175,9 +175,14 @@ def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int,
 
     settings = ((config or {}).get("recipe") or {}).get("data") or {}
     template = settings.get("template", "alpaca")
+    fmt, tags = settings.get("format", "auto"), settings.get("tags") or {}
     records = load_records(data, limit=limit, columns=settings.get("columns"))
-    check_records(records, template, data)
-    tokenize = Tokenize(tokenizer, template, settings.get("cutoff_len", 512), settings.get("train_on_inputs", True))
+    check_records(records, template, data, fmt, tags)
+    # The run's own targets: the same template, truncation and masking as in training.
+    train_on_inputs = settings.get("train_on_inputs")
+    tokenize = Tokenize(tokenizer, template, settings.get("cutoff_len", 512),
+                        template != "chat" if train_on_inputs is None else train_on_inputs,
+                        settings.get("loss_on"), fmt, tags)
     features = [tokenize(dict(r)) for r in records]
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt", padding=True)

@@ -376,7 +376,7 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
     out_dtype, dtype_name = output_dtype(dtype, base_dir)
     report = MergeReport(out=out, method=method, format=fmt)
 
-    texts = verification_texts(config)
+    texts = verification_texts(config, base_dir=base_dir)
     mean_gates, routed, routed_calibration, calibration_texts = {}, None, None, []
     if method == "mosara":
         mean_gates, routed, routed_calibration, calibration_texts = mean_routing(

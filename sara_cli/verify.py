@@ -104,16 +104,21 @@ def load_merged(folder, dtype_name: str):
 
 # -- the merge's checks ------------------------------------------------------------------------
 
-def verification_texts(config: dict, limit: int = 4) -> list[str]:
-    """A few of the run's own training texts when the data is at hand, else built-in text."""
+def verification_texts(config: dict, limit: int = 4, base_dir: Path | None = None) -> list[str]:
+    """A few of the run's own training texts (its first file, as trained) when the data is at
+    hand, else built-in text. A chat run's texts are rendered with the base's tokenizer."""
     from sara_cli.data import load_records, record_texts
 
-    recipe = config.get("recipe") or {}
-    data = recipe.get("data") or {}
+    data = (config.get("recipe") or {}).get("data") or {}
+    first = data.get("train_file")
+    entry = first[0] if isinstance(first, list) and first and isinstance(first[0], dict) else {"path": first}
+    settings = {**data, **{k: v for k, v in entry.items() if v is not None}}
     try:
-        records = load_records(data["train_file"], data.get("train_split", "train"), limit,
-                               data.get("columns"))
-        texts = [record_texts(dict(r), data.get("template", "alpaca"))[1] for r in records]
+        template = settings.get("template", "alpaca")
+        tokenizer = checkpoint.load_tokenizer(base_dir) if template == "chat" and base_dir else None
+        records = load_records(entry["path"], settings.get("split") or data.get("train_split", "train"),
+                               limit, settings.get("columns"))
+        texts = [record_texts(dict(r), template, tokenizer)[1] for r in records]
         return texts or VERIFY_TEXT
     except Exception:  # the data may be gone or on another machine; the check still runs
         return VERIFY_TEXT
