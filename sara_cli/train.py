@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from sara_cli import checkpoint, hub
+from sara_cli import checkpoint, hub, loading
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, write_text
 from sara_cli.rundir import (CHECKPOINT, LOG_NAME, STAGING, is_main_process, plan_output, prepare_output,
@@ -238,17 +238,13 @@ def build(recipe, initialize_from: Path | None = None):
 
     Returns (model, tokenizer, layers, meta).
     """
-    import torch
     from transformers import set_seed
 
     from sara_cli.inject import inject_adapters
 
-    use_cuda = torch.cuda.is_available()
-    model, tokenizer, model_dir = checkpoint.load_base_model(recipe.model)
-    if use_cuda:
-        # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
-        # treat device-mapped models as model-parallel, which DDP refuses.
-        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
+    # treat device-mapped models as model-parallel, which DDP refuses.
+    model, tokenizer, model_dir = loading.load_base_model(recipe.model, loading.training_device(), device_map=False)
     set_seed(recipe.train.seed)
     if initialize_from is not None:
         layers = checkpoint.attach_adapter(model, initialize_from)

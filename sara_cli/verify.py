@@ -10,8 +10,9 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from sara_cli import checkpoint
 from sara_cli.errors import SaraError
+from sara_cli.loading import (device_for_inference, load_adapter_model, load_checkpoint,
+                               load_tokenizer)
 
 VERIFY_TEXT = ["The quick brown fox jumps over the lazy dog.",
                "Question: what is 12 plus 30? Answer: 42.",
@@ -27,12 +28,6 @@ class Outputs:
     logits: list  # per batch: (B, T, V) float32 CPU
     masks: list  # per batch: (B, T) bool
     loss: float  # mean token loss over all real tokens
-
-
-def device_for_inference() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def next_token_loss(logits, labels) -> tuple[float, int]:
@@ -94,12 +89,7 @@ def free(model) -> None:
 
 def load_merged(folder, dtype_name: str):
     """The merged checkpoint through plain transformers, as a user would load it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, dtype_name) if dtype_name in ("bfloat16", "float16", "float32") else "auto"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model.to(device_for_inference()).eval()
+    return load_checkpoint(folder, dtype_name, device_for_inference())[0]
 
 
 # -- the merge's checks ------------------------------------------------------------------------
@@ -130,7 +120,7 @@ def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str
 
     records = load_records(calibration, limit=256)
     template = (config.get("recipe") or {}).get("data", {}).get("template", "alpaca")
-    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
+    model, tokenizer, _ = load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
     calibration_texts = [record_texts(dict(r), template, tokenizer)[1] for r in records]
     gates = collect_gates(model, tokenizer, calibration_texts)
     mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
@@ -150,7 +140,7 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
     import torch
 
     merged = load_merged(staging, dtype_name)
-    tokenizer = checkpoint.load_tokenizer(staging)
+    tokenizer = load_tokenizer(staging)
     for name, p in merged.state_dict().items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise SaraError(f"merged tensor {name} holds NaN or inf; the adapter is broken")
@@ -158,7 +148,7 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
     merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
     free(merged)
     if routed is None:
-        model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
+        model, tokenizer, _ = load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
         routed = run_model(model, tokenizer, texts)
         free(model)
     figures = compare(routed, merged_out)
