@@ -98,18 +98,21 @@ def load_adapter_tensors(model, adapter_dir: Path, trainable_only: bool = False)
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def attach_adapter(model, adapter_dir: Path):
+def attach_adapter(model, adapter_dir: Path, weights=None):
     """Wrap `model` (the original base) with the saved adapter, exactly as trained.
 
     No decomposition is made: ranks come from the config and the frozen factors from the file.
+    PiSSA/SORSA rebuild their residual W - B0 A0 from W as read from the checkpoint files when
+    `weights` (an initialize.CheckpointWeights) is given, as training did, else from the loaded W.
     Returns {module name: layer}.
     """
-    from sara_cli.inject import inject_adapters
+    from sara_cli.inject import inject_adapters, module_source
 
     config = read_config(adapter_dir)
     layers = inject_adapters(model, config["method"], config["options"], config["targets"],
                              ranks=config["ranks"], initialize=False)
     load_adapter_tensors(model, adapter_dir)
-    for layer in layers.values():
-        layer.after_load()
+    for name, layer in layers.items():
+        source = module_source(weights, name, layer.base_layer) if layer.reads_weight else None
+        layer.after_load(None if source is None else source.weight())
     return layers

@@ -104,10 +104,12 @@ def load_adapter_model(adapter_dir: Path, base: str | None = None, dtype: str | 
     """Base model + saved adapter, ready for inference. Returns (model, tokenizer, config)."""
     from sara_cli import checkpoint
 
+    from sara_cli.initialize import CheckpointWeights
+
     config = checkpoint.read_config(adapter_dir)
     model_cfg = recorded_model_section(config["base_model"], base, dtype)
-    model, tokenizer, _ = load_base_model(model_cfg, device)
-    checkpoint.attach_adapter(model, adapter_dir)
+    model, tokenizer, model_dir = load_base_model(model_cfg, device)
+    checkpoint.attach_adapter(model, adapter_dir, CheckpointWeights(model_dir, use_cache=False))
     model.eval()
     return model, tokenizer, config
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from sara_cli import checkpoint, hub, loading
+from sara_cli import checkpoint, loading
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, write_text
 from sara_cli.rundir import (CHECKPOINT, LOG_NAME, STAGING, is_main_process, plan_output, prepare_output,
@@ -240,17 +240,19 @@ def build(recipe, initialize_from: Path | None = None):
     """
     from transformers import set_seed
 
+    from sara_cli.initialize import CheckpointWeights
     from sara_cli.inject import inject_adapters
 
     # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
     # treat device-mapped models as model-parallel, which DDP refuses.
     model, tokenizer, model_dir = loading.load_base_model(recipe.model, loading.training_device(), device_map=False)
     set_seed(recipe.train.seed)
+    weights = CheckpointWeights(model_dir)  # init reads W from the files, never from the loaded model
     if initialize_from is not None:
-        layers = checkpoint.attach_adapter(model, initialize_from)
+        layers = checkpoint.attach_adapter(model, initialize_from, weights)
     else:
         layers = inject_adapters(model, recipe.adapter.method, recipe.adapter.layer_options(),
-                                 recipe.adapter.targets)
+                                 recipe.adapter.targets, weights=weights)
     meta = {
         "method": recipe.adapter.method,
         "options": recipe.adapter.layer_options(),
@@ -258,7 +260,7 @@ def build(recipe, initialize_from: Path | None = None):
         "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
                        "path": str(model_dir), "dtype": recipe.model.dtype,
                        "trust_remote_code": recipe.model.trust_remote_code,
-                       "fingerprint": hub.fingerprint(model_dir)},
+                       "fingerprint": weights.fingerprint},
         "recipe": saved_recipe(recipe),
     }
     return model, tokenizer, layers, meta

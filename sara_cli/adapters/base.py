@@ -34,6 +34,7 @@ class AdapterLayer(nn.Module):
     """
 
     prefix = ""
+    reads_weight = False  # True: init decomposes W, through a `source` (initialize.MatrixSource)
 
     def __init__(self, base_layer: nn.Module, dropout: float = 0.0):
         super().__init__()
@@ -116,6 +117,15 @@ class AdapterLayer(nn.Module):
         """Everything needed to rebuild this adapter: its parameters and persistent buffers."""
         return {name: t for name, t in self.state_dict(keep_vars=False).items()
                 if name.startswith(self.prefix)}
+
+    def weight_source(self, source=None):
+        """`source` (an initialize.MatrixSource over the checkpoint files), or one over this
+        layer's own loaded weight."""
+        if source is not None:
+            return source
+        from sara_cli.initialize import layer_source
+
+        return layer_source(self)
 
     def after_load(self, original_weight: torch.Tensor | None = None) -> None:
         """Hook run after `adapter_state` was loaded onto a freshly wrapped base."""
