@@ -247,7 +247,8 @@ def build(recipe, initialize_from: Path | None = None):
     # treat device-mapped models as model-parallel, which DDP refuses.
     model, tokenizer, model_dir = loading.load_base_model(recipe.model, loading.training_device(), device_map=False)
     set_seed(recipe.train.seed)
-    weights = CheckpointWeights(model_dir)  # init reads W from the files, never from the loaded model
+    # Init reads W from the files, never from the loaded model; each rank decomposes on its own GPU.
+    weights = CheckpointWeights(model_dir, device=loading.training_device())
     if initialize_from is not None:
         layers = checkpoint.attach_adapter(model, initialize_from, weights)
     else:
