@@ -7,13 +7,16 @@ A `SaraError` becomes a one-line message and exit code 2; `--debug` shows the tr
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sara_cli import __version__
 from sara_cli.errors import SaraError
@@ -49,7 +52,8 @@ def command(func=None, *, name: str | None = None):
             label = getattr(exc, "label", "error")
             if label == "error" or os.environ.get("RANK", "0") == "0":  # a clean stop: say it once
                 colour = "red" if label == "error" else "yellow"
-                err_console.print(f"[bold {colour}]{label}:[/] {exc}", highlight=False, soft_wrap=True)
+                # escaped: a message may hold brackets (pip extras) that rich would read as tags
+                err_console.print(f"[bold {colour}]{label}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -57,7 +61,7 @@ def command(func=None, *, name: str | None = None):
         except Exception as exc:
             if DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} "
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} "
                               "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -70,6 +74,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # bitsandbytes logs a missing optional CPU kernel at import and warns on every int8 matmul
+    # that casts its input; neither is actionable.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     # Libraries imported before this point read those variables already; tell them directly.
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging

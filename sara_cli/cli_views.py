@@ -79,8 +79,10 @@ class TrainReporter:
     def notice(self, message: str) -> None:
         self.console.print(f"[yellow]notice:[/] {message}", highlight=False)
 
-    def built(self, recipe, model, layers) -> None:
+    def built(self, recipe, model, layers, meta: dict | None = None) -> None:
+        from sara_cli import quantize
         from sara_cli.inject import parameter_line
+        from sara_cli.loading import base_memory_bytes
 
         if int(os.environ.get("RANK", "0")) != 0:
             return
@@ -98,6 +100,16 @@ class TrainReporter:
             table.add_row(prefix, *[str(ranks.get(m, "-")) for m in modules])
         self.console.print(table)
         self.console.print(parameter_line(model))
+        compute = ((meta or {}).get("base_model") or {}).get("compute_dtype", "float32")
+        self.console.print(f"base memory as loaded: {base_memory_bytes(model) / 2**20:,.1f} MiB "
+                           f"({quantize.describe(recipe.model, compute)})", highlight=False)
+        errors = (meta or {}).get("quantization_error")
+        if errors:
+            weight = sum(e["weight"] for e in errors.values()) / len(errors)
+            residual = sum(e["residual"] for e in errors.values()) / len(errors)
+            self.console.print(f"quantization error (relative, mean over {len(errors)} modules): "
+                               f"{residual:.4f} with the residual quantized, {weight:.4f} for W itself",
+                               highlight=False)
 
     def progress_callback(self):
         return rich_progress_callback(self.console)
@@ -188,6 +200,13 @@ def merge_report(console: Console, report) -> None:
     elif v.get("passed"):
         line += " [passed]"
     console.print(line, highlight=False, markup=False)
+    trained = v.get("as_trained")
+    if trained:  # a run on a 4-bit/8-bit base: the merge is checked on the full-precision base
+        console.print(f"as trained on the {trained['quantization']} base: max |logit diff| "
+                      f"{trained['max_abs_logit_diff']:.3g} from the merged model, greedy agreement "
+                      f"{trained['greedy_agreement']:.2%}, loss {trained['loss_adapter']:.4f} -> "
+                      f"{trained['loss_merged']:.4f} (the quantization's share, not a merge error)",
+                      highlight=False, markup=False)
 
 
 @contextmanager

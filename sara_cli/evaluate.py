@@ -60,9 +60,10 @@ def load_model(reference: str, device: str | None = None):
                             "(no adapter/sara_config.json); give a merged model, a run folder or a "
                             "base model") from None
         model, tokenizer, config = loading.load_adapter_model(adapter_dir, device=device)
-        if config["method"] != "mosara":
+        if config["method"] != "mosara" and not config["base_model"].get("quantization"):
             # Fold the update into the weights: generation then costs what the base costs.
-            # (Mo-SARA routes per token and keeps its branch.)
+            # (Mo-SARA routes per token and keeps its branch; a 4-bit/8-bit base keeps it too,
+            # as trained: folding it in would round the update into the quantized weight.)
             from sara_cli.inject import adapter_layers
 
             for layer in adapter_layers(model).values():

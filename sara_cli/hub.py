@@ -104,11 +104,13 @@ def check_not_quantized(model_dir: Path, config: dict | None = None) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
         raise SaraError(f"{model_dir} is quantized ({method}); sara needs the unquantized base "
-                        "weights (bf16/fp16/fp32) to decompose and merge them")
+                        "weights (bf16/fp16/fp32) to decompose and merge them. Give the original "
+                        "checkpoint; to train it in 4 bits, set model.load_in_4bit: true")
     for name, (_, entry) in tensor_index(model_dir).items():
         if entry["dtype"] in QUANTIZED_DTYPES:
             raise SaraError(f"{model_dir} holds quantized tensors ({name}: {entry['dtype']}); "
-                            "use the unquantized base model")
+                            "use the unquantized base model (model.load_in_4bit: true quantizes it "
+                            "while loading)")
 
 
 def iter_tensors(model_dir: Path, names: list[str], index: dict | None = None) -> Iterator[tuple[str, "object"]]:

@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from sara_cli.adapters import PREFIXES, AdapterLayer, build_layer
-from sara_cli.adapters.base import is_conv1d
+from sara_cli.adapters.base import QUANTIZED_LAYERS, is_conv1d
 from sara_cli.errors import SaraError
 
 ALL_LINEAR = "all-linear"
@@ -102,15 +102,10 @@ def module_source(weights, name: str, base: nn.Module):
         return None
     shape = (base.weight.shape[1], base.weight.shape[0]) if is_conv1d(base) else (base.out_features, base.in_features)
     source = weights.source(name, shape)
-    if source is None and is_quantized_layer(base):
+    if source is None and type(base).__name__ in QUANTIZED_LAYERS:
         raise SaraError(f"{name}: no weight of shape {shape} in the checkpoint files, and a quantized "
                         "layer cannot be decomposed; train this base unquantized")
     return source
-
-
-def is_quantized_layer(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit or 8-bit linear layer."""
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

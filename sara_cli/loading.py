@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sara_cli import hub
+from sara_cli import hub, quantize
 from sara_cli.errors import SaraError
 
 
@@ -51,14 +51,18 @@ def _dtype_argument(name: str):
     return getattr(torch, name) if name in ("bfloat16", "float16", "float32") else "auto"
 
 
-def load_base_model(model_cfg, device: str | None = None, device_map: bool = True):
+def load_base_model(model_cfg, device: str | None = None, device_map: bool = True,
+                    compute_dtype: str = "float32"):
     """Load the frozen base model and tokenizer named by a recipe's model section.
 
     Args:
-        model_cfg: a `recipe.ModelSection` (or anything with its fields).
+        model_cfg: a `recipe.ModelSection` (or anything with its fields); `load_in_4bit` /
+            `load_in_8bit` quantize it while loading (quantize.py).
         device: where the model goes; None leaves it on the CPU.
         device_map: load straight onto a GPU with a device_map, not through host memory. Training
             passes False: the Trainer and accelerate treat device-mapped models as model-parallel.
+            A quantized base always loads with one (bitsandbytes quantizes on the way in).
+        compute_dtype: the 4-bit compute dtype (float32, bfloat16, float16).
 
     Returns:
         (model, tokenizer, model_dir)
@@ -75,8 +79,11 @@ def load_base_model(model_cfg, device: str | None = None, device_map: bool = Tru
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code, "dtype": _dtype_argument(model_cfg.dtype)}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    quantization = quantize.bnb_config(model_cfg, compute_dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     on_gpu = device is not None and str(device).startswith("cuda")
-    if on_gpu and device_map:
+    if on_gpu and (device_map or quantization is not None):
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -85,30 +92,40 @@ def load_base_model(model_cfg, device: str | None = None, device_map: bool = Tru
         raise SaraError(f"could not load model {model_cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
     if device is not None and "device_map" not in kwargs:
         model.to(device)
+    if quantization is not None:
+        quantize.avoid_cpu_packing_bug(model)
     return model, tokenizer, model_dir
 
 
-def recorded_model_section(recorded: dict, base: str | None = None, dtype: str | None = None):
+def recorded_model_section(recorded: dict, base: str | None = None, dtype: str | None = None,
+                           full_precision: bool = False):
     """The `ModelSection` a run was trained with (its sara_config.json `base_model`), with an
-    optional other base folder or dtype."""
+    optional other base folder or dtype; `full_precision` drops a recorded 4-bit/8-bit load."""
     from sara_cli.recipe import ModelSection
 
+    quantized = None if full_precision else recorded.get("quantization")
     return ModelSection(name_or_path=base or recorded["name_or_path"],
                         revision=None if base else recorded.get("revision"),
                         dtype=dtype or recorded.get("dtype", "auto"),
-                        trust_remote_code=recorded.get("trust_remote_code", False))
+                        trust_remote_code=recorded.get("trust_remote_code", False),
+                        load_in_4bit=quantized == "4bit", load_in_8bit=quantized == "8bit")
 
 
 def load_adapter_model(adapter_dir: Path, base: str | None = None, dtype: str | None = None,
-                       device: str | None = None):
-    """Base model + saved adapter, ready for inference. Returns (model, tokenizer, config)."""
-    from sara_cli import checkpoint
+                       device: str | None = None, full_precision: bool = False):
+    """Base model + saved adapter, ready for inference, as trained: a run on a 4-bit base loads
+    it in 4 bits again (`full_precision=True`: on the unquantized base, as `sara merge` writes it).
 
+    Returns (model, tokenizer, config).
+    """
+    from sara_cli import checkpoint
     from sara_cli.initialize import CheckpointWeights
 
     config = checkpoint.read_config(adapter_dir)
-    model_cfg = recorded_model_section(config["base_model"], base, dtype)
-    model, tokenizer, model_dir = load_base_model(model_cfg, device)
+    recorded = config["base_model"]
+    model_cfg = recorded_model_section(recorded, base, dtype, full_precision)
+    model, tokenizer, model_dir = load_base_model(model_cfg, device,
+                                                  compute_dtype=recorded.get("compute_dtype", "float32"))
     checkpoint.attach_adapter(model, adapter_dir, CheckpointWeights(model_dir, use_cache=False))
     model.eval()
     return model, tokenizer, config
@@ -128,3 +145,11 @@ def load_checkpoint(reference: str | Path, dtype: str = "auto", device: str | No
     if device is not None:
         model.to(device)
     return model.eval(), load_tokenizer(model_dir), model_dir
+
+
+def base_memory_bytes(model) -> int:
+    """Bytes the frozen base takes as loaded (4-bit weights packed), adapters left out."""
+    from sara_cli.inject import is_adapter_parameter
+
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return sum(t.numel() * t.element_size() for name, t in tensors if not is_adapter_parameter(name))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from sara_cli import checkpoint, loading
+from sara_cli import checkpoint, loading, quantize
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, write_text
 from sara_cli.rundir import (CHECKPOINT, LOG_NAME, STAGING, is_main_process, plan_output, prepare_output,
@@ -109,11 +110,29 @@ class LogCallback(TrainerCallback):
 
 # -- the trainer -----------------------------------------------------------------------------------
 
+@contextmanager
+def quantized_base_allowed():
+    """transformers refuses to train a 4-bit/8-bit model unless PEFT wraps it ("purely quantized
+    models"). A base carrying sara adapters is what that check asks for, so while our Trainer is
+    built it passes models that have adapter layers and checks every other one as before."""
+    import transformers.trainer as hf_trainer
+
+    from sara_cli.inject import adapter_layers
+
+    check = hf_trainer.validate_quantization_for_training
+    hf_trainer.validate_quantization_for_training = lambda model: None if adapter_layers(model) else check(model)
+    try:
+        yield
+    finally:
+        hf_trainer.validate_quantization_for_training = check
+
+
 class SaraTrainer(Trainer):
     """Trainer whose checkpoints hold only the adapter, appearing at their final path by rename."""
 
     def __init__(self, *args, adapter_meta: dict, **kwargs):
-        super().__init__(*args, **kwargs)
+        with quantized_base_allowed():
+            super().__init__(*args, **kwargs)
         self.adapter_meta = adapter_meta
 
     def _save(self, output_dir=None, state_dict=None):
@@ -243,9 +262,13 @@ def build(recipe, initialize_from: Path | None = None):
     from sara_cli.initialize import CheckpointWeights
     from sara_cli.inject import inject_adapters
 
+    compute = quantize.compute_dtype(recipe.train)
     # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
     # treat device-mapped models as model-parallel, which DDP refuses.
-    model, tokenizer, model_dir = loading.load_base_model(recipe.model, loading.training_device(), device_map=False)
+    model, tokenizer, model_dir = loading.load_base_model(recipe.model, loading.training_device(), device_map=False,
+                                                          compute_dtype=compute)
+    if quantize.mode(recipe.model):
+        quantize.prepare_for_training(model)
     set_seed(recipe.train.seed)
     # Init reads W from the files, never from the loaded model; each rank decomposes on its own GPU.
     weights = CheckpointWeights(model_dir, device=loading.training_device())
@@ -261,9 +284,14 @@ def build(recipe, initialize_from: Path | None = None):
         "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
                        "path": str(model_dir), "dtype": recipe.model.dtype,
                        "trust_remote_code": recipe.model.trust_remote_code,
-                       "fingerprint": weights.fingerprint},
+                       "fingerprint": weights.fingerprint,
+                       "quantization": quantize.mode(recipe.model), "compute_dtype": compute},
         "recipe": saved_recipe(recipe),
     }
+    errors = {name: layer.quantization_error for name, layer in layers.items()
+              if getattr(layer, "quantization_error", None)}
+    if errors:  # PiSSA/SORSA on a quantized base: the QPiSSA residual against quantizing W
+        meta["quantization_error"] = errors
     return model, tokenizer, layers, meta
 
 
@@ -281,6 +309,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     from sara_cli.data import load_split, tokenize_split
 
     check_report_to(recipe.train.report_to)
+    quantize.check_available(recipe.model)
     output_dir = Path(recipe.train.output_dir).expanduser()
     resolved = saved_recipe(recipe)
     plan = plan_output(output_dir, resume, overwrite, resolved)
@@ -296,7 +325,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     records = load_split(recipe.data, recipe.train.seed)  # bad data fails before the model loads
     model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
     if reporter:
-        reporter.built(recipe, model, layers)
+        reporter.built(recipe, model, layers, meta)
     train_set, eval_set = tokenize_split(*records, recipe.data, tokenizer)  # a dry run checks data too
     if dry_run:
         return {"dry_run": True, "layers": {n: l.rank() for n, l in layers.items()},

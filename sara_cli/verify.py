@@ -10,6 +10,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
+from sara_cli.checkpoint import read_config
 from sara_cli.errors import SaraError
 from sara_cli.loading import (device_for_inference, load_adapter_model, load_checkpoint,
                                load_tokenizer)
@@ -120,7 +121,9 @@ def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str
 
     records = load_records(calibration, limit=256)
     template = (config.get("recipe") or {}).get("data", {}).get("template", "alpaca")
-    model, tokenizer, _ = load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
+    # The merge writes into the full-precision base: average the gates over that model.
+    model, tokenizer, _ = load_adapter_model(adapter_dir, base, dtype_name, device_for_inference(),
+                                             full_precision=True)
     calibration_texts = [record_texts(dict(r), template, tokenizer)[1] for r in records]
     gates = collect_gates(model, tokenizer, calibration_texts)
     mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
@@ -136,6 +139,10 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
 
     float32: at most 1e-4 logit difference and 100% greedy agreement. bf16/fp16: fail only past
     HALF_PRECISION_TOLERANCE of the logit spread. Mo-SARA (routed is given): report only.
+
+    The reference is the adapter on the full-precision base, which is what the merge writes
+    into. A run trained on a 4-bit/8-bit base is also run as trained, and its distance from the
+    merged model is reported under "as_trained" (never a failure: that gap is the quantization's).
     """
     import torch
 
@@ -148,11 +155,17 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
     merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
     free(merged)
     if routed is None:
-        model, tokenizer, _ = load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
+        model, tokenizer, _ = load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference(),
+                                                 full_precision=True)
         routed = run_model(model, tokenizer, texts)
         free(model)
     figures = compare(routed, merged_out)
     figures["dtype"] = dtype_name
+    quantization = (read_config(adapter_dir).get("base_model") or {}).get("quantization")
+    if quantization:
+        model, tokenizer, _ = load_adapter_model(adapter_dir, base_ref, None, device_for_inference())
+        figures["as_trained"] = {"quantization": quantization, **compare(run_model(model, tokenizer, texts), merged_out)}
+        free(model)
     if merged_calibration is not None:
         figures["calibration_loss_routed"] = routed_calibration.loss
         figures["calibration_loss_merged"] = merged_calibration.loss

@@ -44,8 +44,7 @@ class PissaLayer(AdapterLayer):
     @torch.no_grad()
     def _subtract_initial(self, W: torch.Tensor) -> None:
         B0, A0 = (t.to(W.device, torch.float64) for t in (self.pissa_B0, self.pissa_A0))
-        W_res = W.to(torch.float64) - B0 @ A0
-        self.set_base_weight(W_res)
+        self.set_residual(W, B0 @ A0)  # W_res = W - B0 A0
 
     def after_load(self, original_weight: torch.Tensor | None = None) -> None:
         self._subtract_initial(self.base_weight() if original_weight is None else original_weight)

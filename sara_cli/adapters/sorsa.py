@@ -48,7 +48,7 @@ class SorsaLayer(AdapterLayer):
 
     @torch.no_grad()
     def _subtract_initial(self, W: torch.Tensor) -> None:
-        self.set_base_weight(W.to(torch.float64) - self._initial_product().to(W.device))
+        self.set_residual(W, self._initial_product())  # W_res = W - U0 diag(S0) Vh0
 
     def after_load(self, original_weight: torch.Tensor | None = None) -> None:
         self._subtract_initial(self.base_weight() if original_weight is None else original_weight)
