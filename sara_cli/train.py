@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from sara_cli import checkpoint, loading, quantize
+from sara_cli import checkpoint, distributed, loading, quantize
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, write_text
 from sara_cli.rundir import (CHECKPOINT, LOG_NAME, STAGING, is_main_process, plan_output, prepare_output,
@@ -146,8 +146,38 @@ class SaraTrainer(Trainer):
         checkpoint.save_adapter(self.model, Path(output_dir or self.args.output_dir), self.adapter_meta,
                                 tensors=tensors)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if distributed.enable_fsdp_on_cpu(self.accelerator):  # accelerate would run DDP instead
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        # Gather the adapter only (a collective on every rank), not the sharded base.
+        tensors = distributed.gather_adapter_tensors(self.model)
+        if self.args.should_save:
+            checkpoint.save_adapter(self.model, Path(output_dir or self.args.output_dir), self.adapter_meta,
+                                    tensors=tensors)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """Under FSDP the Trainer also writes the whole sharded model (the frozen base included)
+        into every checkpoint, for resuming. sara resumes from adapter_model.safetensors, so that
+        copy is skipped; the optimizer, scheduler and RNG states are saved as usual."""
+        import transformers.trainer as hf_trainer
+
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_model = hf_trainer.save_fsdp_model
+        hf_trainer.save_fsdp_model = lambda *args, **kwargs: None
+        try:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            hf_trainer.save_fsdp_model = save_model
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        checkpoint.load_adapter_tensors(model or self.model, Path(resume_from_checkpoint), trainable_only=True)
+        """Nothing to do: `build` attached this checkpoint's adapter before the model was wrapped
+        (under FSDP the Trainer calls this after sharding, when a plain copy no longer fits)."""
 
     def _save_checkpoint(self, model, trial):
         from transformers.trainer import rotate_checkpoints
@@ -260,23 +290,20 @@ def build(recipe, initialize_from: Path | None = None):
     from transformers import set_seed
 
     from sara_cli.initialize import CheckpointWeights
-    from sara_cli.inject import inject_adapters
 
     compute = quantize.compute_dtype(recipe.train)
     # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
-    # treat device-mapped models as model-parallel, which DDP refuses.
-    model, tokenizer, model_dir = loading.load_base_model(recipe.model, loading.training_device(), device_map=False,
+    # treat device-mapped models as model-parallel, which DDP refuses. Under FSDP's RAM-efficient
+    # loading the base stays where it loaded (meta on ranks > 0): accelerate places the shards.
+    device = None if distributed.ram_efficient_loading() else loading.training_device()
+    model, tokenizer, model_dir = loading.load_base_model(recipe.model, device, device_map=False,
                                                           compute_dtype=compute)
     if quantize.mode(recipe.model):
         quantize.prepare_for_training(model)
     set_seed(recipe.train.seed)
     # Init reads W from the files, never from the loaded model; each rank decomposes on its own GPU.
     weights = CheckpointWeights(model_dir, device=loading.training_device())
-    if initialize_from is not None:
-        layers = checkpoint.attach_adapter(model, initialize_from, weights)
-    else:
-        layers = inject_adapters(model, recipe.adapter.method, recipe.adapter.layer_options(),
-                                 recipe.adapter.targets, weights=weights)
+    layers = add_adapters(model, recipe, weights, initialize_from)
     meta = {
         "method": recipe.adapter.method,
         "options": recipe.adapter.layer_options(),
@@ -295,6 +322,29 @@ def build(recipe, initialize_from: Path | None = None):
     return model, tokenizer, layers, meta
 
 
+def add_adapters(model, recipe, weights, initialize_from: Path | None = None) -> dict:
+    """Fresh adapters, or a checkpoint's, identical on every rank (see distributed.py).
+
+    Returns {module name: layer}.
+    """
+    from sara_cli.inject import inject_adapters
+
+    sharing = distributed.ram_efficient_loading() and distributed.is_initialized()
+    on_meta = sharing and not is_main_process()  # this rank's base is on the meta device
+    if initialize_from is not None:  # on meta there is nothing to compute: rank 0's tensors arrive
+        return checkpoint.attach_adapter(model, initialize_from, None if on_meta else weights)
+    method, options, targets = recipe.adapter.method, recipe.adapter.layer_options(), recipe.adapter.targets
+    if on_meta:
+        return inject_adapters(model, method, options, targets, ranks=distributed.share_ranks(None),
+                               initialize=False)
+    layers = inject_adapters(model, method, options, targets, weights=weights)
+    if sharing:
+        distributed.share_ranks({name: layer.rank() for name, layer in layers.items()})
+    elif distributed.is_initialized():
+        distributed.check_identical(layers, loading.training_device())
+    return layers
+
+
 def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = False, reporter=None) -> dict:
     """Run a recipe end to end. Returns a summary dict (output folder, steps, final loss, size).
 
@@ -310,6 +360,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
 
     check_report_to(recipe.train.report_to)
     quantize.check_available(recipe.model)
+    distributed.check_supported(quantize.mode(recipe.model))
     output_dir = Path(recipe.train.output_dir).expanduser()
     resolved = saved_recipe(recipe)
     plan = plan_output(output_dir, resume, overwrite, resolved)
@@ -323,6 +374,9 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
 
     datasets.disable_progress_bars()
     records = load_split(recipe.data, recipe.train.seed)  # bad data fails before the model loads
+    # Before the model loads: this starts the process group, which FSDP's RAM-efficient loading
+    # needs to know which rank holds the weights.
+    args = training_arguments(recipe, output_dir, records[1] is not None, use_cuda)
     model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
     if reporter:
         reporter.built(recipe, model, layers, meta)
@@ -337,7 +391,6 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
             (output_dir / LOG_NAME).unlink(missing_ok=True)
         else:
             trim_log(output_dir / LOG_NAME, int(CHECKPOINT.match(plan.resume_from.name).group(1)))
-    args = training_arguments(recipe, output_dir, eval_set is not None, use_cuda)
     model.config.use_cache = False
     signals = SignalCallback()
     log = LogCallback(output_dir / LOG_NAME)
@@ -363,9 +416,10 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
                           f"{trainer.state.global_step}; checkpoint saved in {output_dir}. "
                           "Rerun the same command to resume")
     size = 0
+    tensors = distributed.gather_adapter_tensors(model) if trainer.is_fsdp_enabled else None  # every rank
     if trainer.is_world_process_zero():
         with atomic_dir(output_dir / "adapter", overwrite=True) as staging:
-            size = checkpoint.save_adapter(model, staging, meta)
+            size = checkpoint.save_adapter(model, staging, meta, tensors=tensors)
         if plan.previous is not None:
             shutil.rmtree(plan.previous, ignore_errors=True)
     return {"output_dir": str(output_dir), "adapter_dir": str(output_dir / "adapter"),
