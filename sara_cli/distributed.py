@@ -80,18 +80,41 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
 
 
 def gather_adapter_tensors(model) -> dict:
-    """{`module.tensor`: full fp32 CPU tensor} for every adapter layer; under FSDP2 each DTensor
-    shard is gathered in turn. Every rank must call it (it is a collective under FSDP)."""
+    """{`module.tensor`: full fp32 CPU tensor} for every adapter layer: under FSDP2 each DTensor
+    shard is gathered in turn, under DeepSpeed ZeRO-3 each layer's partitioned parameters. Every
+    rank must call it (it is a collective under both)."""
+    from contextlib import nullcontext
+
     from torch.distributed.tensor import DTensor
 
     from sara_cli.inject import adapter_layers
 
     tensors = {}
     for module_name, layer in adapter_layers(model).items():
-        for name, t in layer.adapter_state().items():
-            t = t.full_tensor() if isinstance(t, DTensor) else t
-            tensors[f"{module_name}.{name}"] = t.detach().to("cpu").contiguous()
+        partitioned = [p for p in layer.parameters() if hasattr(p, "ds_id")]  # ZeRO-3
+        if partitioned:
+            import deepspeed
+
+            gathering = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+        else:
+            gathering = nullcontext()
+        with gathering:
+            for name, t in layer.adapter_state().items():
+                t = t.full_tensor() if isinstance(t, DTensor) else t
+                tensors[f"{module_name}.{name}"] = t.detach().to("cpu", copy=True).contiguous()
     return tensors
+
+
+def zero3(trainer) -> bool:
+    """The Trainer runs DeepSpeed ZeRO stage 3 (parameters partitioned across ranks)."""
+    if not trainer.is_deepspeed_enabled:
+        return False
+    return trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def gathers_adapter(trainer) -> bool:
+    """The model's parameters are sharded, so saving the adapter needs a gather on every rank."""
+    return trainer.is_fsdp_enabled or zero3(trainer)
 
 
 def share_ranks(ranks: dict | None) -> dict:

@@ -152,7 +152,7 @@ class SaraTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     def save_model(self, output_dir=None, _internal_call=False):
-        if not self.is_fsdp_enabled:
+        if not distributed.gathers_adapter(self):
             return super().save_model(output_dir, _internal_call)
         # Gather the adapter only (a collective on every rank), not the sharded base.
         tensors = distributed.gather_adapter_tensors(self.model)
@@ -416,7 +416,7 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
                           f"{trainer.state.global_step}; checkpoint saved in {output_dir}. "
                           "Rerun the same command to resume")
     size = 0
-    tensors = distributed.gather_adapter_tensors(model) if trainer.is_fsdp_enabled else None  # every rank
+    tensors = distributed.gather_adapter_tensors(model) if distributed.gathers_adapter(trainer) else None
     if trainer.is_world_process_zero():
         with atomic_dir(output_dir / "adapter", overwrite=True) as staging:
             size = checkpoint.save_adapter(model, staging, meta, tensors=tensors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,11 +39,11 @@ if os.environ.get("SARA_TEST_STEP_DELAY"):
 """
 
 
-def docs_fsdp_cpu_config() -> str:
-    """The `fsdp-cpu.yaml` block of docs/recipes.md."""
+def docs_block(marker: str, language: str = "yaml") -> str:
+    """The first `language` code block after `marker` in docs/recipes.md."""
     text = (REPO / "docs" / "recipes.md").read_text()
-    after = text[text.index("`fsdp-cpu.yaml`, **run on 2 CPU processes**"):]
-    return re.search(r"```yaml\n(.*?)```", after, re.S).group(1)
+    after = text[text.index(marker):]
+    return re.search(rf"```{language}\n(.*?)```", after, re.S).group(1)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -81,7 +82,7 @@ class Runs:
         self.data = write_data(folder)
         self.llama_dir = llama_dir
         self.fsdp_config = folder / "fsdp-cpu.yaml"
-        self.fsdp_config.write_text(docs_fsdp_cpu_config())
+        self.fsdp_config.write_text(docs_block("`fsdp-cpu.yaml`, **run on 2 CPU processes**"))
         hook = folder / "hook"
         hook.mkdir()
         (hook / "sitecustomize.py").write_text(SLOW_STEPS)
@@ -100,7 +101,13 @@ class Runs:
     def launcher(self, kind: str) -> list[str]:
         if kind == "ddp":
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(self.fsdp_config)]
+        config = self.fsdp_config
+        if kind == "zero3":
+            marker = "**ZeRO-3, run on 2 CPU processes**"
+            (self.folder / "ds_zero3.json").write_text(docs_block(marker, "json"))
+            config = self.folder / "accelerate-zero3.yaml"
+            config.write_text(docs_block(marker).replace("ds_zero3.json", str(self.folder / "ds_zero3.json")))
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
 
     def launch(self, kind: str, name: str, steps: int = 4, **popen) -> subprocess.Popen:
         argv = [*self.launcher(kind), "-m", "sara_cli", "train", str(self.recipe(name, 2, steps))]
@@ -180,6 +187,23 @@ def test_fsdp_stopped_by_sigterm_resumes_sharded(runs):
     steps = [json.loads(line)["step"] for line in (out / rundir.LOG_NAME).read_text().splitlines() if '"loss"' in line]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert_same_adapter(adapter(out), adapter(r.single("single-6", steps=6)))
+
+
+# -- DeepSpeed ZeRO-3 (not a sara dependency: runs where deepspeed is installed) --------------------
+
+def test_deepspeed_zero3(runs):
+    pytest.importorskip("deepspeed")
+    r = runs["runs"]
+    result = r.run("zero3", "zero3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = r.folder / "zero3"
+    assert (out / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own, partitioned checkpoint
+    assert_same_adapter(adapter(out), adapter(runs["single"]))
+    for name in ("adapter", "checkpoint-4"):
+        shutil.rmtree(out / name)
+    resumed = r.run("zero3", "zero3")
+    assert resumed.returncode == 0 and "resuming from checkpoint-2" in resumed.stdout, resumed.stderr[-3000:]
+    assert_same_adapter(adapter(out), adapter(runs["single"]))
 
 
 # -- refused -------------------------------------------------------------------------------------
