@@ -142,7 +142,10 @@ def analyze(model: str, taus: list[float], targets: list[str] | None = None, dev
                 W = W.T if transposed else W
             stored = index[name][1]["shape"]
             shape = tuple(reversed(stored)) if transposed else tuple(stored)
-            s = MatrixSource(name, lambda: W, weights.cache, device, shape).values()
+            source = MatrixSource(name, lambda: W, weights.cache, device, shape)
+            s = source.values()
+            W = None
+            source.release()
             module = name[: -len(".weight")]
             match = LAYER_INDEX.search("." + module + ".")
             result = MatrixResult(name=module, layer=int(match.group(1)) if match else None,
