@@ -3,7 +3,7 @@
     python bench/run.py --suite all --out results.json           # the benchmark, on a CUDA GPU
     python bench/run.py --suite all --smoke --out /tmp/r.json    # every suite on a tiny CPU model (CI)
 
-Suites: analyze, init, train, merge, eval. Each prints one table (measurements, then the
+Suites: analyze, init, train, memory, merge, eval. Each prints one table (measurements, then the
 issue's targets) and all of them go into one JSON file with the GPU, versions, date and command.
 The benchmark imports no `datasets` (the GPU machine has none); the run fails if anything did.
 """
@@ -26,14 +26,14 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("
                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
     os.environ.setdefault(_name, _value)
 
-from bench import suite_analyze, suite_eval, suite_init, suite_merge, suite_train  # noqa: E402
+from bench import suite_analyze, suite_eval, suite_init, suite_memory, suite_merge, suite_train  # noqa: E402
 from bench.harness import SuiteResult, full_settings, load_peft, smoke_settings  # noqa: E402
 from bench.models import ModelPool  # noqa: E402
 from bench.report import environment, print_table, write_results  # noqa: E402
 
 # In this order: merge frees the 7B model the earlier suites share; eval builds its own.
 SUITES = {"analyze": suite_analyze.run, "init": suite_init.run, "train": suite_train.run,
-          "merge": suite_merge.run, "eval": suite_eval.run}
+          "memory": suite_memory.run, "merge": suite_merge.run, "eval": suite_eval.run}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -16,7 +16,7 @@ from typing import Callable
 from sara_cli import hub
 from sara_cli.errors import SaraError
 from sara_cli.names import layer_of, natural_key
-from sara_cli.spectrum import check_tau, ranks_for_taus, singular_values
+from sara_cli.spectrum import check_tau, ranks_for_taus
 
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 # 2-D weights that are never adapter targets under all-linear.
@@ -107,6 +107,8 @@ def analyze(model: str, taus: list[float], targets: list[str] | None = None, dev
     """
     import torch
 
+    from sara_cli.initialize import CheckpointWeights, MatrixSource
+
     started = time.perf_counter()
     for tau in taus:
         try:
@@ -125,23 +127,28 @@ def analyze(model: str, taus: list[float], targets: list[str] | None = None, dev
         on_start(len(names))
 
     results = []
-    tensors = hub.iter_tensors(model_dir, names)
+    weights = CheckpointWeights(model_dir, device)
+    cached = {n for n in names if weights.cache is not None and weights.cache.values(n) is not None}
+    tensors = hub.iter_tensors(model_dir, [n for n in names if n not in cached], index)
     # Read the next matrix from disk while the current one is decomposed.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(next, tensors, None)
-        while (item := pending.result()) is not None:
-            pending = pool.submit(next, tensors, None)
-            name, W = item
-            W = W.to(device)
-            if transposed:
-                W = W.T
-            try:
-                s = singular_values(W, name)
-            except ValueError:
-                raise SaraError(f"{name} contains NaN or inf values; the checkpoint is damaged") from None
+        for name in names:
+            if name in cached:
+                W = None
+            else:
+                _, W = pending.result()
+                pending = pool.submit(next, tensors, None)
+                W = W.T if transposed else W
+            stored = index[name][1]["shape"]
+            shape = tuple(reversed(stored)) if transposed else tuple(stored)
+            source = MatrixSource(name, lambda: W, weights.cache, device, shape)
+            s = source.values()
+            W = None
+            source.release()
             module = name[: -len(".weight")]
             result = MatrixResult(name=module, layer=layer_of(module),
-                                  module=module.split(".")[-1], shape=tuple(W.shape),
+                                  module=module.split(".")[-1], shape=shape,
                                   k=ranks_for_taus(s, taus), spectrum=s.cpu())
             results.append(result)
             if on_matrix:

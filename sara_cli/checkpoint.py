@@ -1,4 +1,4 @@
-"""Adapter save/load: `adapter_model.safetensors` + `sara_config.json`, and loading the base model.
+"""Adapter save/load: `adapter_model.safetensors` + `sara_config.json`.
 
 The adapter folder holds everything needed to rebuild the trained model from the original base:
 the trainable tensors, the frozen Mo-SARA singular vectors and the initial PiSSA/SORSA factors,
@@ -16,49 +16,6 @@ from sara_cli.files import atomic_path, read_json, write_json
 CONFIG_NAME = "sara_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 RECIPE_NAME = "recipe.yaml"
-
-
-def load_base_model(model_cfg, device: str | None = None):
-    """Load the frozen base model and tokenizer named by a recipe's model section.
-
-    Returns:
-        (model, tokenizer, model_dir)
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = hub.resolve_model_dir(model_cfg.name_or_path, model_cfg.revision)
-    config = hub.load_config(model_dir)
-    hub.check_not_quantized(model_dir, config)
-    hub.weight_files(model_dir)  # a clear error for .bin-only checkpoints
-    kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
-    if model_cfg.dtype != "auto":
-        kwargs["dtype"] = getattr(torch, model_cfg.dtype)
-    else:
-        kwargs["dtype"] = "auto"
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
-    if device is not None and str(device).startswith("cuda"):
-        kwargs["device_map"] = {"": device}  # load straight onto the GPU, not through host memory
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-        tokenizer = load_tokenizer(model_dir, model_cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise SaraError(f"could not load model {model_cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
-    if device is not None and "device_map" not in kwargs:
-        model.to(device)
-    return model, tokenizer, model_dir
-
-
-def load_tokenizer(folder, trust_remote_code: bool = False):
-    """AutoTokenizer with a pad token for batched runs: unk where there is one, so EOS keeps its
-    label in training, else EOS."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
 
 
 def adapter_tensors(model) -> dict:
@@ -166,35 +123,21 @@ def load_adapter_tensors(model, adapter_dir: Path, trainable_only: bool = False)
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def attach_adapter(model, adapter_dir: Path):
+def attach_adapter(model, adapter_dir: Path, weights=None):
     """Wrap `model` (the original base) with the saved adapter, exactly as trained.
 
     No decomposition is made: ranks come from the config and the frozen factors from the file.
+    PiSSA/SORSA rebuild their residual W - B0 A0 from W as read from the checkpoint files when
+    `weights` (an initialize.CheckpointWeights) is given, as training did, else from the loaded W.
     Returns {module name: layer}.
     """
-    from sara_cli.inject import inject_adapters
+    from sara_cli.inject import inject_adapters, module_source
 
     config = read_config(adapter_dir)
     layers = inject_adapters(model, config["method"], config["options"], config["targets"],
                              ranks=config["ranks"], initialize=False)
     load_adapter_tensors(model, adapter_dir)
-    for layer in layers.values():
-        layer.after_load()
+    for name, layer in layers.items():
+        source = module_source(weights, name, layer.base_layer) if layer.reads_weight else None
+        layer.after_load(None if source is None else source.weight())
     return layers
-
-
-def load_adapter_model(adapter_dir: Path, base: str | None = None, dtype: str | None = None,
-                       device: str | None = None):
-    """Base model + saved adapter, ready for inference. Returns (model, tokenizer, config)."""
-    from sara_cli.recipe import ModelSection
-
-    config = read_config(adapter_dir)
-    recorded = config["base_model"]
-    model_cfg = ModelSection(name_or_path=base or recorded["name_or_path"],
-                             revision=None if base else recorded.get("revision"),
-                             dtype=dtype or recorded.get("dtype", "auto"),
-                             trust_remote_code=recorded.get("trust_remote_code", False))
-    model, tokenizer, _ = load_base_model(model_cfg, device)
-    attach_adapter(model, adapter_dir)
-    model.eval()
-    return model, tokenizer, config

@@ -7,8 +7,10 @@ A `SaraError` becomes a one-line message and exit code 2; `--debug` shows the tr
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +74,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # bitsandbytes logs a missing optional CPU kernel at import and warns on every int8 matmul
+    # that casts its input; neither is actionable.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     # Libraries imported before this point read those variables already; tell them directly.
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging

@@ -81,9 +81,11 @@ class TrainReporter:
 
         self.console.print(f"[yellow]notice:[/] {escape(message)}", highlight=False)
 
-    def built(self, recipe, model, layers) -> None:
+    def built(self, recipe, model, layers, meta: dict | None = None) -> None:
+        from sara_cli import quantize
         from sara_cli.inject import parameter_line
         from sara_cli.names import by_layer
+        from sara_cli.loading import base_memory_bytes
 
         if int(os.environ.get("RANK", "0")) != 0:
             return
@@ -97,6 +99,16 @@ class TrainReporter:
             table.add_row(layer, *[str(layers[modules[c]].rank()) if c in modules else "-" for c in columns])
         self.console.print(table)
         self.console.print(parameter_line(model))
+        compute = ((meta or {}).get("base_model") or {}).get("compute_dtype", "float32")
+        self.console.print(f"base memory as loaded: {base_memory_bytes(model) / 2**20:,.1f} MiB "
+                           f"({quantize.describe(recipe.model, compute)})", highlight=False)
+        errors = (meta or {}).get("quantization_error")
+        if errors:
+            weight = sum(e["weight"] for e in errors.values()) / len(errors)
+            residual = sum(e["residual"] for e in errors.values()) / len(errors)
+            self.console.print(f"quantization error (relative, mean over {len(errors)} modules): "
+                               f"{residual:.4f} with the residual quantized, {weight:.4f} for W itself",
+                               highlight=False)
 
     def data(self, stats: dict, data_cfg) -> None:
         """One line per split: records, tokens, truncation, target share; the mix; packing."""
@@ -206,6 +218,13 @@ def merge_report(console: Console, report) -> None:
     elif v.get("exact") is False:
         line += " [an approximation: reported, not judged]"
     console.print(line, highlight=False, markup=False)
+    trained = v.get("as_trained")
+    if trained:  # a run on a 4-bit/8-bit base: the merge is checked on the full-precision base
+        console.print(f"as trained on the {trained['quantization']} base: max |logit diff| "
+                      f"{trained['max_abs_logit_diff']:.3g} from the merged model, greedy agreement "
+                      f"{trained['greedy_agreement']:.2%}, loss {trained['loss_adapter']:.4f} -> "
+                      f"{trained['loss_merged']:.4f} (the quantization's share, not a merge error)",
+                      highlight=False, markup=False)
 
 
 def export_report(console: Console, summary: dict, shown: int = 8) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sara_cli import checkpoint, hub, rundir, tasks
+from sara_cli import checkpoint, hub, loading, rundir, tasks
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_path, check_output_file, check_writable, write_json
 
@@ -54,9 +54,8 @@ def load_model(reference: str, device: str | None = None):
         SaraError: a folder that is neither a checkpoint nor a run.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or loading.device_for_inference()
     path = Path(reference)
     if path.is_dir() and not (path / "config.json").is_file():
         try:
@@ -65,10 +64,11 @@ def load_model(reference: str, device: str | None = None):
             raise SaraError(f"{path} is neither a model checkpoint (no config.json) nor a sara run "
                             "(no adapter/sara_config.json); give a merged model, a run folder or a "
                             "base model") from None
-        model, tokenizer, config = checkpoint.load_adapter_model(adapter_dir, device=device)
-        if config["method"] != "mosara":
+        model, tokenizer, config = loading.load_adapter_model(adapter_dir, device=device)
+        if config["method"] != "mosara" and not config["base_model"].get("quantization"):
             # Fold the update into the weights: generation then costs what the base costs.
-            # (Mo-SARA routes per token and keeps its branch.)
+            # (Mo-SARA routes per token and keeps its branch; a 4-bit/8-bit base keeps it too,
+            # as trained: folding it in would round the update into the quantized weight.)
             from sara_cli.inject import adapter_layers
 
             for layer in adapter_layers(model).values():
@@ -77,9 +77,9 @@ def load_model(reference: str, device: str | None = None):
     model_dir = hub.resolve_model_dir(reference)
     hub.load_config(model_dir)
     hub.tensor_index(model_dir)  # names a missing or damaged weight file before transformers reads it
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, checkpoint.load_tokenizer(model_dir), str(reference), None
+    dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
+    model, tokenizer, _ = loading.load_checkpoint(reference, dtype, device)
+    return model, tokenizer, str(reference), None
 
 
 def _count_generated(sequences, eos_id: int | None) -> list[int]:

@@ -142,26 +142,58 @@ def check_not_quantized(model_dir: Path, config: dict | None = None) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "unknown")
         raise SaraError(f"{model_dir} is quantized ({method}); sara needs the unquantized base "
-                        "weights (bf16/fp16/fp32) to decompose and merge them")
+                        "weights (bf16/fp16/fp32) to decompose and merge them. Give the original "
+                        "checkpoint; to train it in 4 bits, set model.load_in_4bit: true")
     for name, (_, entry) in tensor_index(model_dir).items():
         if entry["dtype"] in QUANTIZED_DTYPES:
             raise SaraError(f"{model_dir} holds quantized tensors ({name}: {entry['dtype']}); "
-                            "use the unquantized base model")
+                            "use the unquantized base model (model.load_in_4bit: true quantizes it "
+                            "while loading)")
 
 
-def iter_tensors(model_dir: Path, names: list[str]) -> Iterator[tuple[str, "object"]]:
-    """Yield (name, tensor) for `names`, opening each safetensors file once."""
+def iter_tensors(model_dir: Path, names: list[str], index: dict | None = None) -> Iterator[tuple[str, "object"]]:
+    """Yield (name, tensor) for `names`, in that order, one tensor in memory at a time.
+
+    Each read opens its file and closes it again: a file kept open keeps every page read so far
+    mapped, and the process's resident memory would grow with each tensor.
+
+    Args:
+        index: `tensor_index(model_dir)` when the caller has it (saves reading the headers).
+    """
     from safetensors import safe_open
 
-    index = tensor_index(model_dir)
-    by_file: dict[Path, list[str]] = {}
+    index = index if index is not None else tensor_index(model_dir)
     for name in names:
-        by_file.setdefault(index[name][0], []).append(name)
-    order = {name: i for i, name in enumerate(names)}
-    for path, file_names in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for name in sorted(file_names, key=order.get):
-                yield name, f.get_tensor(name)
+        with safe_open(index[name][0], framework="pt") as f:
+            tensor = f.get_tensor(name)
+        yield name, tensor
+
+
+def match_tensor_names(modules: list[str], tensor_names: list[str], strict: bool = True) -> dict[str, str]:
+    """{checkpoint tensor name: module} for the targeted modules' weights.
+
+    Checkpoint keys can differ from module paths by a prefix (GPT-2 hub files store `h.0...`
+    for `transformer.h.0...`), so a unique suffix match is accepted.
+
+    Args:
+        strict: raise for a module without a unique weight; False leaves it out.
+    Raises:
+        SaraError: (strict) a module has no weight, or more than one, in the checkpoint.
+    """
+    weights = {n[: -len(".weight")]: n for n in tensor_names if n.endswith(".weight")}
+    mapping = {}
+    for module in modules:
+        if module in weights:
+            mapping[weights[module]] = module
+            continue
+        hits = [w for w in weights if module.endswith("." + w) or w.endswith("." + module)]
+        if len(hits) != 1 and not strict:
+            continue
+        if len(hits) != 1:
+            raise SaraError(f"adapter module {module} has no unique weight in the base checkpoint; "
+                            "is --base the model the adapter was trained on?")
+        mapping[weights[hits[0]]] = module
+    return mapping
 
 
 def fingerprint(model_dir: Path, names: list[str] | None = None) -> str:

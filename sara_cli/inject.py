@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from sara_cli.adapters import PREFIXES, AdapterLayer, build_layer
-from sara_cli.adapters.base import is_conv1d
+from sara_cli.adapters.base import QUANTIZED_LAYERS, is_conv1d
 from sara_cli.errors import SaraError
 
 ALL_LINEAR = "all-linear"
@@ -57,13 +57,15 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 
 def inject_adapters(model: nn.Module, method: str, options: dict, targets: str | list[str],
                     ranks: dict[str, int] | None = None, initialize: bool = True,
-                    on_module: Callable[[str], None] | None = None) -> dict[str, AdapterLayer]:
+                    on_module: Callable[[str], None] | None = None, weights=None) -> dict[str, AdapterLayer]:
     """Wrap every target of `model` in place and freeze everything but the adapters.
 
     Args:
         ranks: known rank per module name (from a saved adapter); skips the SVD rank rule.
         initialize: False allocates adapters for loading a state, with no decomposition.
         on_module: called with each module name after it is wrapped (progress reporting).
+        weights: an initialize.CheckpointWeights: init reads each W from the checkpoint files
+            (one at a time, cached spectra). None: from the loaded model's weights.
 
     Returns:
         {module name: adapter layer}, in model order.
@@ -76,14 +78,34 @@ def inject_adapters(model: nn.Module, method: str, options: dict, targets: str |
         base = getattr(parent, child)
         if isinstance(base, AdapterLayer):
             raise SaraError(f"{name} already carries an adapter")
+        source = module_source(weights, name, base) if initialize else None
         layer = build_layer(method, base, options, rank=None if ranks is None else ranks[name],
-                            initialize=initialize)
+                            initialize=initialize, source=source)
+        if source is not None:
+            source.release()
         setattr(parent, child, layer)
         layers[name] = layer
         if on_module is not None:
             on_module(name)
     freeze_base(model)
     return layers
+
+
+def module_source(weights, name: str, base: nn.Module):
+    """The checkpoint-file source for module `name` (None without `weights`).
+
+    Raises:
+        SaraError: the files hold no weight of this module's shape and the loaded one cannot
+            stand in for it (a quantized base).
+    """
+    if weights is None:
+        return None
+    shape = (base.weight.shape[1], base.weight.shape[0]) if is_conv1d(base) else (base.out_features, base.in_features)
+    source = weights.source(name, shape)
+    if source is None and type(base).__name__ in QUANTIZED_LAYERS:
+        raise SaraError(f"{name}: no weight of shape {shape} in the checkpoint files, and a quantized "
+                        "layer cannot be decomposed; train this base unquantized")
+    return source
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

@@ -88,26 +88,6 @@ def grouped_tensors(adapter_dir: Path, modules: list[str]) -> dict[str, dict]:
     return grouped
 
 
-def match_tensor_names(modules: list[str], tensor_names: list[str]) -> dict[str, str]:
-    """{checkpoint tensor name: module} for the targeted modules' weights.
-
-    Checkpoint keys can differ from module paths by a prefix (GPT-2 hub files store `h.0...`
-    for `transformer.h.0...`), so a unique suffix match is accepted.
-    """
-    weights = {n[: -len(".weight")]: n for n in tensor_names if n.endswith(".weight")}
-    mapping = {}
-    for module in modules:
-        if module in weights:
-            mapping[weights[module]] = module
-            continue
-        hits = [w for w in weights if module.endswith("." + w) or w.endswith("." + module)]
-        if len(hits) != 1:
-            raise SaraError(f"adapter module {module} has no unique weight in the base checkpoint; "
-                            "is --base the model the adapter was trained on?")
-        mapping[weights[hits[0]]] = module
-    return mapping
-
-
 # -- the streaming merge ---------------------------------------------------------------------------
 
 def parse_size(text: str) -> int:
@@ -384,7 +364,7 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
 
     modules = list(config["ranks"])
     tensors = grouped_tensors(adapter_dir, modules)
-    mapping = match_tensor_names(modules, list(hub.tensor_index(base_dir)))
+    mapping = hub.match_tensor_names(modules, list(hub.tensor_index(base_dir)))
     updates = {name: factors(method, config["options"], tensors[module], mean_gates.get(module))
                for name, module in mapping.items()}
 

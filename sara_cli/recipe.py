@@ -45,6 +45,8 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3",
                                           "flex_attention"]] = Field(None, description="Attention kernel.")
+    load_in_4bit: bool = Field(False, description="Load the frozen base as 4-bit NF4 (bitsandbytes).")
+    load_in_8bit: bool = Field(False, description="Load the frozen base as 8-bit LLM.int8() (bitsandbytes).")
 
 
 class AdapterSection(Section):
@@ -305,7 +307,9 @@ def _data_problems(data: dict) -> list[str]:
 def _conflicts(raw: dict) -> list[str]:
     """Pairs of settings where one would silently override or break the other."""
     problems = []
-    data, train = raw.get("data"), raw.get("train")
+    data, train, model = raw.get("data"), raw.get("train"), raw.get("model")
+    if isinstance(model, dict) and model.get("load_in_4bit") is True and model.get("load_in_8bit") is True:
+        problems.append("model.load_in_8bit: load_in_4bit and load_in_8bit are both true; choose one")
     if isinstance(data, dict):
         problems += _data_problems(data)
     if isinstance(data, dict) and data.get("eval_file") and data.get("val_set_size"):

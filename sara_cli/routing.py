@@ -102,7 +102,7 @@ def route_map(path: Path, task_spec: str | None, data: str | None, limit: int | 
             data, bad limit or tokens. All are checked before the model loads.
     """
     from sara_cli.gates import collect_gates
-    from sara_cli.verify import device_for_inference
+    from sara_cli.loading import device_for_inference, load_adapter_model
 
     if limit is not None and limit < 1:
         raise SaraError(f"--limit must be at least 1, got {limit}")
@@ -121,7 +121,7 @@ def route_map(path: Path, task_spec: str | None, data: str | None, limit: int | 
         raise SaraError(f"--modules {','.join(unknown)}: no such Mo-SARA module; the adapter targets: "
                         f"{', '.join(adapted)}")
     sources = load_sources(task_spec, data, limit, data_dir)
-    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, device=device_for_inference())
+    model, tokenizer, _ = load_adapter_model(adapter_dir, device=device_for_inference())
     result = RouteMap(model=str(path), tokens=tokens, experts=int(config["options"]["num_experts"]))
     for name, records in sources.items():
         gates = collect_gates(model, tokenizer, texts_for(records, tokens))

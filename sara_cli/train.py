@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from sara_cli import checkpoint, hub
+from sara_cli import checkpoint, distributed, loading, quantize
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, check_writable, write_text
 from sara_cli.recipe import check_report_to
@@ -121,11 +122,29 @@ class LogCallback(TrainerCallback):
 
 # -- the trainer -----------------------------------------------------------------------------------
 
+@contextmanager
+def quantized_base_allowed():
+    """transformers refuses to train a 4-bit/8-bit model unless PEFT wraps it ("purely quantized
+    models"). A base carrying sara adapters is what that check asks for, so while our Trainer is
+    built it passes models that have adapter layers and checks every other one as before."""
+    import transformers.trainer as hf_trainer
+
+    from sara_cli.inject import adapter_layers
+
+    check = hf_trainer.validate_quantization_for_training
+    hf_trainer.validate_quantization_for_training = lambda model: None if adapter_layers(model) else check(model)
+    try:
+        yield
+    finally:
+        hf_trainer.validate_quantization_for_training = check
+
+
 class SaraTrainer(Trainer):
     """Trainer whose checkpoints hold only the adapter, appearing at their final path by rename."""
 
     def __init__(self, *args, adapter_meta: dict, **kwargs):
-        super().__init__(*args, **kwargs)
+        with quantized_base_allowed():
+            super().__init__(*args, **kwargs)
         self.adapter_meta = adapter_meta
 
     def _save(self, output_dir=None, state_dict=None):
@@ -139,8 +158,38 @@ class SaraTrainer(Trainer):
         checkpoint.save_adapter(self.model, Path(output_dir or self.args.output_dir), self.adapter_meta,
                                 tensors=tensors)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if distributed.enable_fsdp_on_cpu(self.accelerator):  # accelerate would run DDP instead
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not distributed.gathers_adapter(self):
+            return super().save_model(output_dir, _internal_call)
+        # Gather the adapter only (a collective on every rank), not the sharded base.
+        tensors = distributed.gather_adapter_tensors(self.model)
+        if self.args.should_save:
+            checkpoint.save_adapter(self.model, Path(output_dir or self.args.output_dir), self.adapter_meta,
+                                    tensors=tensors)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """Under FSDP the Trainer also writes the whole sharded model (the frozen base included)
+        into every checkpoint, for resuming. sara resumes from adapter_model.safetensors, so that
+        copy is skipped; the optimizer, scheduler and RNG states are saved as usual."""
+        import transformers.trainer as hf_trainer
+
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_model = hf_trainer.save_fsdp_model
+        hf_trainer.save_fsdp_model = lambda *args, **kwargs: None
+        try:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            hf_trainer.save_fsdp_model = save_model
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        checkpoint.load_adapter_tensors(model or self.model, Path(resume_from_checkpoint), trainable_only=True)
+        """Nothing to do: `build` attached this checkpoint's adapter before the model was wrapped
+        (under FSDP the Trainer calls this after sharding, when a plain copy no longer fits)."""
 
     def _save_checkpoint(self, model, trial):
         from transformers.trainer import rotate_checkpoints
@@ -173,7 +222,7 @@ def training_arguments(recipe, output_dir: Path, has_eval: bool, use_cuda: bool)
     from transformers import TrainingArguments
 
     t = recipe.train
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     bf16 = t.bf16 if t.bf16 is not None else (use_cuda and _bf16_supported())
     warmup = t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps  # v5: < 1 is a ratio
     return TrainingArguments(
@@ -188,7 +237,7 @@ def training_arguments(recipe, output_dir: Path, has_eval: bool, use_cuda: bool)
         save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=t.report_to, dataloader_num_workers=t.dataloader_num_workers,
-        ddp_backend=t.ddp_backend or (None if use_cuda or not distributed else "gloo"), disable_tqdm=True,
+        ddp_backend=t.ddp_backend or (None if use_cuda or not multi_process else "gloo"), disable_tqdm=True,
         # Every adapter parameter takes part in every forward; the default (True without
         # checkpointing) only adds a graph traversal per step and a warning per rank.
         ddp_find_unused_parameters=False,
@@ -225,23 +274,23 @@ def build(recipe, initialize_from: Path | None = None):
 
     Returns (model, tokenizer, layers, meta).
     """
-    import torch
     from transformers import set_seed
 
-    from sara_cli.inject import inject_adapters
+    from sara_cli.initialize import CheckpointWeights
 
-    use_cuda = torch.cuda.is_available()
-    model, tokenizer, model_dir = checkpoint.load_base_model(recipe.model)
-    if use_cuda:
-        # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
-        # treat device-mapped models as model-parallel, which DDP refuses.
-        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    compute = quantize.compute_dtype(recipe.train)
+    # Moved after loading rather than loaded with a device_map: the Trainer and accelerate
+    # treat device-mapped models as model-parallel, which DDP refuses. Under FSDP's RAM-efficient
+    # loading the base stays where it loaded (meta on ranks > 0): accelerate places the shards.
+    device = None if distributed.ram_efficient_loading() else loading.training_device()
+    model, tokenizer, model_dir = loading.load_base_model(recipe.model, device, device_map=False,
+                                                          compute_dtype=compute)
+    if quantize.mode(recipe.model):
+        quantize.prepare_for_training(model)
     set_seed(recipe.train.seed)
-    if initialize_from is not None:
-        layers = checkpoint.attach_adapter(model, initialize_from)
-    else:
-        layers = inject_adapters(model, recipe.adapter.method, recipe.adapter.layer_options(),
-                                 recipe.adapter.targets)
+    # Init reads W from the files, never from the loaded model; each rank decomposes on its own GPU.
+    weights = CheckpointWeights(model_dir, device=loading.training_device())
+    layers = add_adapters(model, recipe, weights, initialize_from)
     meta = {
         "method": recipe.adapter.method,
         "options": recipe.adapter.layer_options(),
@@ -249,10 +298,38 @@ def build(recipe, initialize_from: Path | None = None):
         "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
                        "path": str(model_dir), "dtype": recipe.model.dtype,
                        "trust_remote_code": recipe.model.trust_remote_code,
-                       "fingerprint": hub.fingerprint(model_dir)},
+                       "fingerprint": weights.fingerprint,
+                       "quantization": quantize.mode(recipe.model), "compute_dtype": compute},
         "recipe": saved_recipe(recipe),
     }
+    errors = {name: layer.quantization_error for name, layer in layers.items()
+              if getattr(layer, "quantization_error", None)}
+    if errors:  # PiSSA/SORSA on a quantized base: the QPiSSA residual against quantizing W
+        meta["quantization_error"] = errors
     return model, tokenizer, layers, meta
+
+
+def add_adapters(model, recipe, weights, initialize_from: Path | None = None) -> dict:
+    """Fresh adapters, or a checkpoint's, identical on every rank (see distributed.py).
+
+    Returns {module name: layer}.
+    """
+    from sara_cli.inject import inject_adapters
+
+    sharing = distributed.ram_efficient_loading() and distributed.is_initialized()
+    on_meta = sharing and not is_main_process()  # this rank's base is on the meta device
+    if initialize_from is not None:  # on meta there is nothing to compute: rank 0's tensors arrive
+        return checkpoint.attach_adapter(model, initialize_from, None if on_meta else weights)
+    method, options, targets = recipe.adapter.method, recipe.adapter.layer_options(), recipe.adapter.targets
+    if on_meta:
+        return inject_adapters(model, method, options, targets, ranks=distributed.share_ranks(None),
+                               initialize=False)
+    layers = inject_adapters(model, method, options, targets, weights=weights)
+    if sharing:
+        distributed.share_ranks({name: layer.rank() for name, layer in layers.items()})
+    elif distributed.is_initialized():
+        distributed.check_identical(layers, loading.training_device())
+    return layers
 
 
 def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = False, reporter=None) -> dict:
@@ -267,6 +344,8 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     from contextlib import nullcontext
 
     check_report_to(recipe.train.report_to)  # also checked by the CLI, before heavy imports
+    quantize.check_available(recipe.model)
+    distributed.check_supported(quantize.mode(recipe.model))
     output_dir = Path(recipe.train.output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
@@ -295,9 +374,13 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
 
     datasets.disable_progress_bars()
     records = load_split(recipe.data, recipe.train.seed)  # bad data fails before the model loads
+    # Before the model loads: this starts the process group, which FSDP's RAM-efficient loading
+    # needs to know which rank holds the weights.
+    has_eval = bool(records.evaluation) or bool(recipe.data.val_set_size)
+    args = training_arguments(recipe, output_dir, has_eval, use_cuda)
     model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
     if reporter:
-        reporter.built(recipe, model, layers)
+        reporter.built(recipe, model, layers, meta)
     data = tokenize_split(records, recipe.data, tokenizer, recipe.train.seed)  # a dry run checks data too
     train_set, eval_set = data.train, data.evaluation
     if reporter and is_main_process():
@@ -321,7 +404,6 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
             (output_dir / LOG_NAME).unlink(missing_ok=True)
         else:
             trim_log(output_dir / LOG_NAME, int(CHECKPOINT.match(plan.resume_from.name).group(1)))
-    args = training_arguments(recipe, output_dir, eval_set is not None, use_cuda)
     signals = SignalCallback()
     log = LogCallback(output_dir / LOG_NAME)
     callbacks = [signals, CadenceCallback(), log]
@@ -344,9 +426,10 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
                           f"{trainer.state.global_step}; checkpoint saved in {output_dir}. "
                           "Rerun the same command to resume")
     size = 0
+    tensors = distributed.gather_adapter_tensors(model) if distributed.gathers_adapter(trainer) else None
     if trainer.is_world_process_zero():
         with atomic_dir(output_dir / "adapter", overwrite=True) as staging:
-            size = checkpoint.save_adapter(model, staging, meta)
+            size = checkpoint.save_adapter(model, staging, meta, tensors=tensors)
         if plan.previous is not None:
             kept = remove_previous(plan.previous)
             if kept and reporter:

@@ -10,8 +10,10 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from sara_cli import checkpoint
+from sara_cli.checkpoint import read_config
 from sara_cli.errors import SaraError
+from sara_cli.loading import (device_for_inference, load_adapter_model, load_checkpoint,
+                               load_tokenizer)
 
 VERIFY_TEXT = ["The quick brown fox jumps over the lazy dog.",
                "Question: what is 12 plus 30? Answer: 42.",
@@ -27,12 +29,6 @@ class Outputs:
     logits: list  # per batch: (B, T, V) float32 CPU
     masks: list  # per batch: (B, T) bool
     loss: float  # mean token loss over all real tokens
-
-
-def device_for_inference() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def next_token_loss(logits, labels) -> tuple[float, int]:
@@ -94,12 +90,7 @@ def free(model) -> None:
 
 def load_merged(folder, dtype_name: str):
     """The merged checkpoint through plain transformers, as a user would load it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, dtype_name) if dtype_name in ("bfloat16", "float16", "float32") else "auto"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model.to(device_for_inference()).eval()
+    return load_checkpoint(folder, dtype_name, device_for_inference())[0]
 
 
 # -- the merge's checks ------------------------------------------------------------------------
@@ -112,10 +103,12 @@ def verification_texts(config: dict, limit: int = 4, base_dir: Path | None = Non
     data = (config.get("recipe") or {}).get("data") or {}
     first = data.get("train_file")
     entry = first[0] if isinstance(first, list) and first and isinstance(first[0], dict) else {"path": first}
+    if not entry.get("path"):
+        return VERIFY_TEXT
     settings = {**data, **{k: v for k, v in entry.items() if v is not None}}
     try:
         template = settings.get("template", "alpaca")
-        tokenizer = checkpoint.load_tokenizer(base_dir) if template == "chat" and base_dir else None
+        tokenizer = load_tokenizer(base_dir) if template == "chat" and base_dir else None
         records = load_records(entry["path"], settings.get("split") or data.get("train_split", "train"),
                                limit, settings.get("columns"))
         texts = [record_texts(dict(r), template, tokenizer)[1] for r in records]
@@ -135,7 +128,9 @@ def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str
 
     records = load_records(calibration, limit=256)
     template = (config.get("recipe") or {}).get("data", {}).get("template", "alpaca")
-    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base, dtype_name, device_for_inference())
+    # The merge writes into the full-precision base: average the gates over that model.
+    model, tokenizer, _ = load_adapter_model(adapter_dir, base, dtype_name, device_for_inference(),
+                                             full_precision=True)
     calibration_texts = [record_texts(dict(r), template, tokenizer)[1] for r in records]
     gates = collect_gates(model, tokenizer, calibration_texts)
     mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
@@ -149,9 +144,13 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
                  routed=None, routed_calibration=None, calibration_texts=()) -> dict:
     """Run the adapter model and the merged checkpoint on `texts`; fail on a real mismatch
     (`judge`). Mo-SARA (calibration texts given): report only.
+
+    The reference is the adapter on the full-precision base, which is what the merge writes
+    into. A run trained on a 4-bit/8-bit base is also run as trained, and its distance from the
+    merged model is reported under "as_trained" (never a failure: that gap is the quantization's).
     """
     merged = load_merged(staging, dtype_name)
-    tokenizer = checkpoint.load_tokenizer(staging)
+    tokenizer = load_tokenizer(staging)
     check_finite(merged, "merged tensor {name} holds NaN or inf")
     merged_out = run_model(merged, tokenizer, texts)
     merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
@@ -160,6 +159,11 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
         routed = adapter_outputs(adapter_dir, base_ref, dtype_name, texts)
     figures = compare(routed, merged_out)
     figures["dtype"] = dtype_name
+    quantization = (read_config(adapter_dir).get("base_model") or {}).get("quantization")
+    if quantization:
+        model, tokenizer, _ = load_adapter_model(adapter_dir, base_ref, None, device_for_inference())
+        figures["as_trained"] = {"quantization": quantization, **compare(run_model(model, tokenizer, texts), merged_out)}
+        free(model)
     if merged_calibration is not None:
         figures["calibration_loss_routed"] = routed_calibration.loss
         figures["calibration_loss_merged"] = merged_calibration.loss
@@ -180,7 +184,8 @@ def check_finite(model, message: str) -> None:
 
 def adapter_outputs(adapter_dir: Path, base_ref: str, dtype_name: str, texts: list[str]) -> Outputs:
     """The adapter model's outputs on `texts`: the reference every merge and export is checked against."""
-    model, tokenizer, _ = checkpoint.load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference())
+    model, tokenizer, _ = load_adapter_model(adapter_dir, base_ref, dtype_name, device_for_inference(),
+                                             full_precision=True)
     outputs = run_model(model, tokenizer, texts)
     free(model)
     return outputs
@@ -243,7 +248,7 @@ def check_export(adapter_dir: Path, base_ref: str, export_dir: Path, dtype_name:
     exported = load_merged(base_ref, dtype_name)
     apply_lora_export(exported, export_dir, transposed)
     check_finite(exported, "exported LoRA factors make {name} NaN or inf")
-    exported_out = run_model(exported, checkpoint.load_tokenizer(base_ref), texts)
+    exported_out = run_model(exported, load_tokenizer(base_ref), texts)
     free(exported)
     if reference is None:
         reference = adapter_outputs(adapter_dir, base_ref, dtype_name, texts)

@@ -310,9 +310,10 @@ def test_match_lora_rank_printed_tau_reproduces_printed_count(llama_dir, no_debu
 
 # -- one spectrum per matrix -------------------------------------------------------------------
 
-def test_several_taus_share_one_spectrum_per_matrix(llama_dir, monkeypatch, no_debug):
-    import sara_cli.analyze as core
+def test_several_taus_share_one_spectrum_per_matrix(llama_dir, monkeypatch, no_debug, tmp_path):
+    import sara_cli.initialize as core
 
+    monkeypatch.setenv("SARA_HOME", str(tmp_path))  # a cold spectrum cache
     calls = []
     real = core.singular_values
 

@@ -17,13 +17,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ["analyze", "init", "train", "merge", "eval"]
+SUITES = ["analyze", "init", "train", "memory", "merge", "eval"]
 EXPECTED = {  # measurement keys each suite must report (measured or skipped with a reason)
     "analyze": ["command-qv", "call-qv", "naive-qv", "command-all-linear", "call-all-linear", "naive-all-linear"],
     "init": [f"{k}-{s}" for s in ("qv", "all-linear")
              for k in ("spectrum", "sara", "mosara", "pissa", "peft-pissa", "peft-pissa-niter-4")],
     "train": ["peft-lora-r8", "sara-lora-r8", "sara-sara", "peft-lora-matched", "mosara-m1", "mosara-m5",
               "mosara-m9"],
+    "memory": ["bf16-sara", "bf16-sara-lora", "bf16-peft-lora", "4bit-sara", "4bit-sara-lora", "4bit-peft-qlora",
+               "4bit-peft-qlora-matched"],
     "merge": ["plain", "sara-merge", "sara-merge-no-verify"],
     "eval": ["fast", "llm-adapters"],
 }

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import one_line_error, run_cli
-from sara_cli import checkpoint
+from sara_cli import checkpoint, loading
 from sara_cli.data import alpaca_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +53,7 @@ def test_one_shot_on_a_routed_mosara_run(trained_mosara_run, llama_dir):
 
     from sara_cli.adapters import MoSaraLayer
 
-    model, tokenizer, _ = checkpoint.load_adapter_model(trained_mosara_run / "adapter", device="cpu")
+    model, tokenizer, _ = loading.load_adapter_model(trained_mosara_run / "adapter", device="cpu")
     assert any(isinstance(m, MoSaraLayer) for m in model.modules())
     expected = greedy_answer(model, tokenizer, alpaca_prompt(MESSAGE))
     answer = answer_of(run_cli("chat", trained_mosara_run, "--prompt", MESSAGE, "--max-new-tokens", TOKENS))

@@ -306,10 +306,10 @@ def test_loss_mode_on_a_plain_checkpoint(llama_dir, records_file, tmp_path):
 
 def test_loss_mode_on_a_run_uses_its_template_and_masking(sara_run, records_file, tmp_path):
     """A run trained with train_on_inputs: false scores only the response tokens."""
-    from sara_cli import checkpoint
+    from sara_cli import loading
 
     report = loss_from_cli(sara_run, records_file, tmp_path / "loss.json")
-    model, tokenizer, _ = checkpoint.load_adapter_model(sara_run / "adapter", device="cpu")
+    model, tokenizer, _ = loading.load_adapter_model(sara_run / "adapter", device="cpu")
     loss, count = reference_loss(model, tokenizer, RECORDS, mask_prompt=True)
     assert report["tokens"] == count
     torch.testing.assert_close(report["loss"], loss, rtol=1e-5, atol=0)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import one_line_error
-from sara_cli import __version__, checkpoint
+from sara_cli import __version__, checkpoint, loading
 from sara_cli import merge as merge_module
 from sara_cli import verify as verify_module
 from sara_cli.cli import app
@@ -112,7 +112,7 @@ def token_ids(base: Path, root: Path) -> Path:
 
 def adapter_logits(run: Path, ids_path: Path) -> np.ndarray:
     """Logits of base + adapter, the model the merge must reproduce. (1, T, V) float32."""
-    model, _, _ = checkpoint.load_adapter_model(checkpoint.find_adapter_dir(run))
+    model, _, _ = loading.load_adapter_model(checkpoint.find_adapter_dir(run))
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(np.load(ids_path))).logits.float().numpy()
 
@@ -425,7 +425,7 @@ def static_gate_logits(run: Path, data_file: Path, work: Path, base: Path) -> np
     from sara_cli.data import Tokenize
     from sara_cli.gates import collect_gates
 
-    model, tokenizer, _ = checkpoint.load_adapter_model(checkpoint.find_adapter_dir(run))
+    model, tokenizer, _ = loading.load_adapter_model(checkpoint.find_adapter_dir(run))
     texts = [Tokenize(tokenizer, "alpaca", 0, True).texts(r)[1] for r in RECORDS]
     mean = {name: g.mean(dim=0) for name, g in collect_gates(model, tokenizer, texts).items()}
     for name, layer in model.named_modules():

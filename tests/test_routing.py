@@ -60,9 +60,9 @@ def mosara_run(llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def routed_model(mosara_run):
-    from sara_cli import checkpoint
+    from sara_cli import loading
 
-    model, tokenizer, _ = checkpoint.load_adapter_model(mosara_run / "adapter", device="cpu")
+    model, tokenizer, _ = loading.load_adapter_model(mosara_run / "adapter", device="cpu")
     return model, tokenizer
 
 

@@ -1,6 +1,6 @@
 """`sara train` end to end on the tiny Llama: dry run, one short run per method, adapter round trip,
 interruption and resume (SIGTERM, SIGKILL), output-folder rules, gradient checkpointing, SORSA's
-regulariser step, DDP on the CPU, and bad input.
+regulariser step, and bad input (DDP and FSDP: tests/test_distributed.py).
 
 Runs go through the real CLI: in-process with Typer's runner, or as a separate process
 (`python -m sara_cli`, `torchrun`) where a signal or a second rank is needed. Every run is a few
@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 import sara_cli
-from sara_cli import checkpoint, hub, rundir
+from sara_cli import checkpoint, hub, loading, rundir
 from sara_cli import recipe as recipe_module
 from sara_cli import train as train_module
 from sara_cli.adapters import SorsaLayer
@@ -202,7 +202,7 @@ def test_short_run_writes_the_run_folder_and_the_adapter_round_trips(method, tmp
     assert config["sara_version"] == sara_cli.__version__
 
     # A fresh base plus the saved adapter gives the trained model's logits (fp32).
-    loaded, _, _ = checkpoint.load_adapter_model(adapter_dir)
+    loaded, _, _ = loading.load_adapter_model(adapter_dir)
     fresh, _, _, _ = train_module.build(load_recipe(recipe_path))  # same seed: the initial adapter
     ids = token_batch()
     with torch.no_grad():
@@ -625,29 +625,7 @@ def test_sorsa_training_runs_the_regulariser_step(tmp_path, llama_dir, data_file
     assert deviation[1e-3] < deviation[0.0]  # the step pulls U, Vh back towards orthonormal
 
 
-# -- 8. DDP on the CPU ------------------------------------------------------------------------------
-
-def test_torchrun_ddp_on_cpu_saves_the_adapter_once(tmp_path, llama_dir, data_file):
-    recipe = write_recipe(tmp_path, llama_dir, data_file, "sara", train={"max_steps": 4})
-    out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "sara_cli", "train", str(recipe)],
-                            capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(p.name for p in out.iterdir()) == [
-        rundir.LOCK_NAME, "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "recipe.yaml", "trainer_log.jsonl"]
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == [checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME]
-    for name in ("checkpoint-2", "checkpoint-4"):  # each rank's RNG state made it in before the rename
-        files = {p.name for p in (out / name).iterdir()}
-        assert {"rng_state_0.pth", "rng_state_1.pth", checkpoint.WEIGHTS_NAME, "trainer_state.json"} <= files
-    assert [r["step"] for r in loss_records(out)] == [1, 2, 3, 4]  # rank 0 alone logged
-    assert result.stdout.count("adapter:") == 1 and result.stdout.count("no CUDA GPU") == 1
-    assert result.stdout.count("trainable params:") == 1
-    loaded, _, config = checkpoint.load_adapter_model(out / "adapter")
-    assert config["method"] == "sara"
-    with torch.no_grad():
-        assert torch.isfinite(loaded(token_batch()).logits).all()
+# -- 8. DDP and FSDP on the CPU: tests/test_distributed.py ------------------------------------
 
 
 # -- 9. bad input -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ PREFIXES = tuple(cls.prefix for cls in METHODS.values())
 
 
 def build_layer(method: str, base_layer: nn.Module, options: dict, rank: int | None = None,
-                initialize: bool = True) -> AdapterLayer:
+                initialize: bool = True, source=None) -> AdapterLayer:
     """Wrap `base_layer` with `method`'s adapter.
 
     Args:
@@ -44,12 +44,16 @@ def build_layer(method: str, base_layer: nn.Module, options: dict, rank: int | N
         rank: a known rank (k or r) for this module, e.g. from a saved adapter; it replaces
             the tau rule and `options["rank"]`.
         initialize: False allocates the adapter without decomposing W, for loading a state.
+        source: where W and its decompositions come from (an initialize.MatrixSource over the
+            checkpoint files); default: the base layer's own loaded weight.
     """
     cls = METHODS[method]
     kwargs = {key: options[key] for key in LAYER_OPTIONS[method] if key in options}
     if rank is not None:
         kwargs["rank"] = rank
         kwargs.pop("tau", None)
+    if cls.reads_weight:
+        kwargs["source"] = source
     return cls(base_layer, initialize=initialize, **kwargs)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 ADAPTER_DTYPE = torch.float32  # adapter weights stay fp32 on any base, as PEFT does
+QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -34,13 +35,15 @@ class AdapterLayer(nn.Module):
     """
 
     prefix = ""
+    reads_weight = False  # True: init decomposes W, through a `source` (initialize.MatrixSource)
 
     def __init__(self, base_layer: nn.Module, dropout: float = 0.0):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)
-        W = base_layer.weight
-        self.out_features, self.in_features = (W.shape[1], W.shape[0]) if self.fan_in_fan_out else W.shape
+        W = base_layer.weight  # packed when quantized: nn.Linear's features give the shape
+        self.out_features, self.in_features = ((W.shape[1], W.shape[0]) if self.fan_in_fan_out else
+                                               (base_layer.out_features, base_layer.in_features))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         for p in base_layer.parameters():
@@ -53,8 +56,20 @@ class AdapterLayer(nn.Module):
         """The base layer's weight, as stored (so code that reads `.weight` keeps working)."""
         return self.base_layer.weight
 
+    @property
+    def quantized(self) -> bool:
+        """True over a bitsandbytes 4-bit or 8-bit base layer."""
+        return type(self.base_layer).__name__ in QUANTIZED_LAYERS
+
     def base_weight(self) -> torch.Tensor:
-        """Base weight as (out, in), a view (no copy)."""
+        """Base weight as (out, in), a view (no copy).
+
+        Raises:
+            ValueError: a quantized base holds no full-precision weight (read it from the files).
+        """
+        if self.quantized:
+            raise ValueError("a 4-bit/8-bit base layer holds no full-precision weight; read W from "
+                             "the checkpoint files (initialize.CheckpointWeights)")
         W = self.base_layer.weight
         return W.T if self.fan_in_fan_out else W
 
@@ -64,6 +79,27 @@ class AdapterLayer(nn.Module):
         target = self.base_layer.weight
         new = W_oi.T if self.fan_in_fan_out else W_oi
         target.copy_(new.to(dtype=target.dtype, device=target.device))
+
+    @torch.no_grad()
+    def set_residual(self, W: torch.Tensor, principal: torch.Tensor) -> None:
+        """Replace the base weight by W - principal (PiSSA/SORSA), formed in float64.
+
+        Over a quantized base the residual is quantized the way the layer was (QPiSSA), and
+        `quantization_error` records the relative error of W itself quantized (as loaded) and
+        of principal + quantized residual.
+        """
+        W64 = W.to(torch.float64)
+        principal = principal.to(W64.device, torch.float64)
+        if not self.quantized:
+            self.set_base_weight(W64 - principal)
+            return
+        from sara_cli import quantize
+
+        norm = float(torch.linalg.matrix_norm(W64))
+        before = quantize.relative_error(W64, self.base_layer, norm)
+        quantize.requantize(self.base_layer, W64 - principal)
+        after = quantize.relative_error(W64 - principal, self.base_layer, norm)
+        self.quantization_error = {"weight": before, "residual": after}
 
     # -- the contract ----------------------------------------------------------------------------
 
@@ -80,6 +116,9 @@ class AdapterLayer(nn.Module):
         """Fold delta_weight into the base weight (float32 sum, one cast)."""
         if self.merged:
             return
+        if self.quantized:
+            raise ValueError("merging into a 4-bit/8-bit base would round the update away; merge "
+                             "into the full-precision base with `sara merge`")
         delta = self.delta_weight()
         merged = self.base_weight().to(torch.float32) + delta.to(self.base_weight().device)
         if not bool(torch.isfinite(merged).all()):
@@ -116,6 +155,15 @@ class AdapterLayer(nn.Module):
         """Everything needed to rebuild this adapter: its parameters and persistent buffers."""
         return {name: t for name, t in self.state_dict(keep_vars=False).items()
                 if name.startswith(self.prefix)}
+
+    def weight_source(self, source=None):
+        """`source` (an initialize.MatrixSource over the checkpoint files), or one over this
+        layer's own loaded weight."""
+        if source is not None:
+            return source
+        from sara_cli.initialize import layer_source
+
+        return layer_source(self)
 
     def after_load(self, original_weight: torch.Tensor | None = None) -> None:
         """Hook run after `adapter_state` was loaded onto a freshly wrapped base."""

@@ -23,22 +23,22 @@ from torch import nn
 import torch.nn.functional as F
 
 from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer, kaiming_uniform
-from sara_cli.spectrum import top_singular
 
 
 class MoSaraLayer(AdapterLayer):
     prefix = "mosara_"
+    reads_weight = True
 
     def __init__(self, base_layer: nn.Module, tau: float | None = None, rank: int | None = None,
                  num_experts: int = 5, dropout: float = 0.0, v_position: str = "after",
-                 initialize: bool = True):
+                 initialize: bool = True, source=None):
         super().__init__(base_layer, dropout)
         if v_position not in ("after", "before"):
             raise ValueError(f"v_position must be after or before, got {v_position!r}")
         device = base_layer.weight.device
         if initialize:
-            top = top_singular(self.base_weight(), k=rank, tau=tau if rank is None else None)
-            U, Vh = top.U.to(ADAPTER_DTYPE), top.Vh.to(ADAPTER_DTYPE)
+            top = self.weight_source(source).top(k=rank, tau=tau if rank is None else None)
+            U, Vh = top.U.to(device, ADAPTER_DTYPE), top.Vh.to(device, ADAPTER_DTYPE)
         else:
             U = torch.zeros(self.out_features, rank, dtype=ADAPTER_DTYPE, device=device)
             Vh = torch.zeros(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)

@@ -15,43 +15,36 @@ from torch import nn
 import torch.nn.functional as F
 
 from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer
-from sara_cli.spectrum import TopK, top_singular, top_singular_lowrank
-
-
-def principal(W: torch.Tensor, rank: int, svd: str) -> TopK:
-    """Top-`rank` triplets of W: 'lowrank' (randomized, niter 4) or 'full' (Gram eigensolve)."""
-    rank = min(rank, min(W.shape))
-    if svd == "lowrank" and rank * 4 < min(W.shape):
-        return top_singular_lowrank(W, rank)
-    return top_singular(W, k=rank)
 
 
 class PissaLayer(AdapterLayer):
     prefix = "pissa_"
+    reads_weight = True
 
     def __init__(self, base_layer: nn.Module, rank: int, dropout: float = 0.0,
-                 initialize: bool = True, svd: str = "lowrank"):
+                 initialize: bool = True, svd: str = "lowrank", source=None):
         super().__init__(base_layer, dropout)
         self.r = rank = min(rank, self.in_features, self.out_features)
         device = base_layer.weight.device
         A = torch.zeros(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
         B = torch.zeros(self.out_features, rank, dtype=ADAPTER_DTYPE, device=device)
         if initialize:
-            top = principal(self.base_weight(), rank, svd)
+            source = self.weight_source(source)
+            top = source.principal(rank, svd)  # 'lowrank' (randomized, niter 4) or 'full'
             root = top.s.sqrt()
-            A = (root[:, None] * top.Vh).to(ADAPTER_DTYPE)  # (r, in)
-            B = (top.U * root[None, :]).to(ADAPTER_DTYPE)  # (out, r)
+            A = (root[:, None] * top.Vh).to(device, ADAPTER_DTYPE)  # (r, in)
+            B = (top.U * root[None, :]).to(device, ADAPTER_DTYPE)  # (out, r)
         self.pissa_A = nn.Parameter(A.clone())
         self.pissa_B = nn.Parameter(B.clone())
         self.register_buffer("pissa_A0", A.clone())
         self.register_buffer("pissa_B0", B.clone())
         if initialize:
-            self._subtract_initial(self.base_weight())
+            self._subtract_initial(source.weight())  # from the full-precision W
 
     @torch.no_grad()
     def _subtract_initial(self, W: torch.Tensor) -> None:
-        W_res = W.to(torch.float64) - self.pissa_B0.to(torch.float64) @ self.pissa_A0.to(torch.float64)
-        self.set_base_weight(W_res)
+        B0, A0 = (t.to(W.device, torch.float64) for t in (self.pissa_B0, self.pissa_A0))
+        self.set_residual(W, B0 @ A0)  # W_res = W - B0 A0
 
     def after_load(self, original_weight: torch.Tensor | None = None) -> None:
         self._subtract_initial(self.base_weight() if original_weight is None else original_weight)

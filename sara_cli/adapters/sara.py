@@ -17,15 +17,16 @@ from torch import nn
 import torch.nn.functional as F
 
 from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer, kaiming_uniform
-from sara_cli.spectrum import rank_for_tau, singular_values
+from sara_cli.spectrum import rank_for_tau
 
 
 class SaraLayer(AdapterLayer):
     prefix = "sara_"
+    reads_weight = True
 
     def __init__(self, base_layer: nn.Module, tau: float | None = None, rank: int | None = None,
                  dropout: float = 0.0, use_lambda: bool = True, init_lambda: str = "zeros",
-                 zero_init: str = "none", initialize: bool = True):
+                 zero_init: str = "none", initialize: bool = True, source=None):
         super().__init__(base_layer, dropout)
         if init_lambda not in ("zeros", "ones") or zero_init not in ("none", "up"):
             raise ValueError(f"init_lambda must be zeros|ones and zero_init none|up, got "
@@ -34,7 +35,7 @@ class SaraLayer(AdapterLayer):
             raise ValueError("zero_init='up' with init_lambda='zeros' can never train: U = 0 and "
                              "lambda = 0 make every gradient zero")
         if rank is None:
-            rank = rank_for_tau(singular_values(self.base_weight()), tau)
+            rank = rank_for_tau(self.weight_source(source).values(), tau)
         self.k = rank
         device = base_layer.weight.device
         U = kaiming_uniform((self.out_features, rank), device)

@@ -16,14 +16,14 @@ from torch import nn
 import torch.nn.functional as F
 
 from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer
-from sara_cli.adapters.pissa import principal
 
 
 class SorsaLayer(AdapterLayer):
     prefix = "sorsa_"
+    reads_weight = True
 
     def __init__(self, base_layer: nn.Module, rank: int, dropout: float = 0.0,
-                 initialize: bool = True, svd: str = "lowrank"):
+                 initialize: bool = True, svd: str = "lowrank", source=None):
         super().__init__(base_layer, dropout)
         self.r = rank = min(rank, self.in_features, self.out_features)
         device = base_layer.weight.device
@@ -31,8 +31,9 @@ class SorsaLayer(AdapterLayer):
         S = torch.zeros(rank, dtype=ADAPTER_DTYPE, device=device)
         Vh = torch.zeros(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
         if initialize:
-            top = principal(self.base_weight(), rank, svd)
-            U, S, Vh = (t.to(ADAPTER_DTYPE) for t in (top.U, top.s, top.Vh))
+            source = self.weight_source(source)
+            top = source.principal(rank, svd)  # 'lowrank' (randomized, niter 4) or 'full'
+            U, S, Vh = (t.to(device, ADAPTER_DTYPE) for t in (top.U, top.s, top.Vh))
         self.sorsa_U = nn.Parameter(U.clone())  # (out, r)
         self.sorsa_S = nn.Parameter(S.clone())  # (r,)
         self.sorsa_Vh = nn.Parameter(Vh.clone())  # (r, in)
@@ -40,14 +41,14 @@ class SorsaLayer(AdapterLayer):
         self.register_buffer("sorsa_S0", S.clone())
         self.register_buffer("sorsa_Vh0", Vh.clone())
         if initialize:
-            self._subtract_initial(self.base_weight())
+            self._subtract_initial(source.weight())  # from the full-precision W
 
     def _initial_product(self) -> torch.Tensor:
         return (self.sorsa_U0.double() * self.sorsa_S0.double()) @ self.sorsa_Vh0.double()
 
     @torch.no_grad()
     def _subtract_initial(self, W: torch.Tensor) -> None:
-        self.set_base_weight(W.to(torch.float64) - self._initial_product())
+        self.set_residual(W, self._initial_product())  # W_res = W - U0 diag(S0) Vh0
 
     def after_load(self, original_weight: torch.Tensor | None = None) -> None:
         self._subtract_initial(self.base_weight() if original_weight is None else original_weight)
