@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from sara_cli import checkpoint, hub
+from sara_cli import builtin, checkpoint, hub
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, write_text
 from sara_cli.rundir import (CHECKPOINT, LOG_NAME, STAGING, is_main_process, plan_output, prepare_output,
@@ -262,7 +262,9 @@ def build(recipe, initialize_from: Path | None = None):
         "base_model": {"name_or_path": recipe.model.name_or_path, "revision": recipe.model.revision,
                        "path": str(model_dir), "dtype": recipe.model.dtype,
                        "trust_remote_code": recipe.model.trust_remote_code,
-                       "fingerprint": hub.fingerprint(model_dir)},
+                       "fingerprint": hub.fingerprint(model_dir),
+                       # Where a converted built-in's weights came from (package, file, sha256).
+                       "source": builtin.source_info(model_dir)},
         "recipe": saved_recipe(recipe),
     }
     return model, tokenizer, layers, meta
