@@ -170,6 +170,13 @@ def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
                         "SARA_HOME to a writable folder") from exc
     try:
         build(staging)
+        # mkdtemp makes the folder 0700, and safetensors writes 0600: give them normal permissions,
+        # so a shared cache is readable by its other users.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)
+        for path in staging.iterdir():
+            os.chmod(path, 0o666 & ~mask)
         try:
             staging.rename(target)
         except OSError:  # another process won the race; its copy is identical

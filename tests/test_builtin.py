@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,11 @@ def test_conversion_is_a_plain_checkpoint_with_the_gguf_weights(registered, tiny
     for key, expected in registered.items():
         assert arrays[key].dtype == np.float32, key
         np.testing.assert_array_equal(arrays[key], expected, err_msg=key)
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
     source_info = json.loads((folder / builtin.SOURCE_NAME).read_text())
     assert source_info["sha256"] == digest
