@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from sara_cli import checkpoint, distributed, loading, quantize
+from sara_cli import builtin, checkpoint, distributed, loading, quantize
 from sara_cli.errors import SaraError
 from sara_cli.files import atomic_dir, check_writable, write_text
 from sara_cli.recipe import check_report_to
@@ -299,7 +299,9 @@ def build(recipe, initialize_from: Path | None = None):
                        "path": str(model_dir), "dtype": recipe.model.dtype,
                        "trust_remote_code": recipe.model.trust_remote_code,
                        "fingerprint": weights.fingerprint,
-                       "quantization": quantize.mode(recipe.model), "compute_dtype": compute},
+                       "quantization": quantize.mode(recipe.model), "compute_dtype": compute,
+                       # Where a converted built-in's weights came from (package, file, sha256).
+                       "source": builtin.source_info(model_dir)},
         "recipe": saved_recipe(recipe),
     }
     errors = {name: layer.quantization_error for name, layer in layers.items()
