@@ -331,6 +331,36 @@ def test_sorsa_reference_rule_equals_a_hand_computed_adamw_step(gamma):
     assert (moved > 1e-3) == (gamma > 0)
 
 
+def test_sara_random_lambda_is_kaiming_uniform_with_fan_in_k():
+    layer = SaraLayer(linear(64, 48), rank=40, init_lambda="random")
+    lam = layer.sara_lambda.detach().double().numpy()  # (k,)
+    bound = 1 / math.sqrt(40)
+    assert np.all(np.abs(lam) <= bound) and np.abs(lam).max() > 0.8 * bound  # U(-1/sqrt(k), 1/sqrt(k))
+    assert abs(lam.mean()) < 0.3 * bound
+    x = torch.randn(3, 48)
+    assert not torch.allclose(layer(x), layer.base_layer(x))  # the paper-literal reading changes the model
+    with pytest.raises(ValueError, match="init_lambda"):
+        SaraLayer(linear(), rank=2, init_lambda="gaussian")
+
+
+def test_mosara_router_starts_as_the_papers_two_linear_layers():
+    """W_g1 (k, 1) and W_g2 (1, m) are drawn as nn.Linear(k, 1) and nn.Linear(1, m) draw their
+    weights (transposed): Kaiming uniform with fan-ins k and 1, bounds 1/sqrt(k) and 1."""
+    from sara_cli.adapters.base import kaiming_uniform
+
+    k, m = 37, 5
+    torch.manual_seed(11)
+    first = nn.Linear(k, 1, bias=False).weight.detach().T  # (k, 1)
+    second = nn.Linear(1, m, bias=False).weight.detach().T  # (1, m)
+    torch.manual_seed(11)
+    torch.testing.assert_close(kaiming_uniform((k, 1), "cpu", fan_in=k), first, rtol=0, atol=0)
+    torch.testing.assert_close(kaiming_uniform((1, m), "cpu", fan_in=1), second, rtol=0, atol=0)
+    layer = MoSaraLayer(linear(64, 64), rank=k, num_experts=m)
+    assert float(layer.mosara_router_in.abs().max()) <= 1 / math.sqrt(k)
+    assert float(layer.mosara_router_out.abs().max()) <= 1.0
+    assert float(layer.mosara_router_in.abs().max()) > 0.5 / math.sqrt(k)
+
+
 def test_pissa_factors_are_the_principal_part():
     base = linear(10, 8)
     W = base.weight.detach().double().numpy().copy()
