@@ -214,6 +214,12 @@ def merge_report(console: Console, report) -> None:
                  f"{v['calibration_loss_merged']:.4f} ({v['calibration_loss_change']:+.4f})"
                  " [mean routing: an approximation]")
     elif v.get("passed"):
+        from sara_cli.verify import FLOOR_MULTIPLE, HALF_PRECISION_TOLERANCE
+
+        if v.get("noise_floor") is not None:
+            line += f", limit {v['tolerance']:.3g} ({FLOOR_MULTIPLE:g} x noise floor {v['noise_floor']:.3g})"
+        elif v.get("tolerance") is not None:
+            line += f", limit {v['tolerance']:.3g} ({HALF_PRECISION_TOLERANCE:.0%} of the logit spread)"
         line += " [passed]"
     elif v.get("exact") is False:
         line += " [an approximation: reported, not judged]"

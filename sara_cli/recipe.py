@@ -27,7 +27,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "mosara": {"tau": 0.5, "num_experts": 5, "v_position": "after"},
     "lora": {"rank": 8, "alpha": 16.0},
     "pissa": {"rank": 8, "svd": "lowrank"},
-    "sorsa": {"rank": 8, "gamma": 4e-4, "svd": "lowrank"},
+    "sorsa": {"rank": 8, "gamma": 4e-4, "sorsa_update": "reference", "svd": "full"},
 }
 
 
@@ -58,10 +58,12 @@ class AdapterSection(Section):
     v_position: Optional[Literal["after", "before"]] = Field(None, description="Mo-SARA: where the scale v sits.")
     rank: Optional[int] = Field(None, ge=1, description="LoRA/PiSSA/SORSA rank r.")
     alpha: Optional[float] = Field(None, gt=0.0, description="LoRA: scale alpha/r.")
-    gamma: Optional[float] = Field(None, ge=0.0, description="SORSA: regulariser step size.")
+    gamma: Optional[float] = Field(None, ge=0.0, description="SORSA: regulariser strength.")
+    sorsa_update: Optional[Literal["reference", "decoupled"]] = Field(
+        None, description="SORSA: regulariser through the optimizer (reference) or a separate step.")
     svd: Optional[Literal["lowrank", "full"]] = Field(None, description="PiSSA/SORSA init SVD route.")
     use_lambda: Optional[bool] = Field(None, description="SARA ablation: train lambda.")
-    init_lambda: Optional[Literal["zeros", "ones"]] = Field(None, description="SARA ablation: lambda init.")
+    init_lambda: Optional[Literal["zeros", "ones", "random"]] = Field(None, description="SARA ablation: lambda init.")
     zero_init: Optional[Literal["none", "up"]] = Field(None, description="SARA ablation: zero the output factor U.")
 
     def layer_options(self) -> dict[str, Any]:

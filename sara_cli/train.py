@@ -34,15 +34,37 @@ class Interrupted(SaraError):
 # -- callbacks -------------------------------------------------------------------------------------
 
 class SorsaCallback(TrainerCallback):
-    """After every optimizer step: W_p <- W_p - gamma * grad(L_reg) (SORSA's separate step)."""
+    """SORSA's orthonormal regulariser, once per optimizer step (docs/methods.md section 3.3).
 
-    def __init__(self, layers, gamma: float):
+    reference (the SORSA code's trainer): after gradient clipping, before optimizer.step(), add
+    grad of (gamma / learning_rate) * L_reg, L_reg = mean of the 2L norms over L layers, so the
+    optimizer (AdamW) sees it. decoupled: after optimizer.step(), W_p <- W_p - gamma * grad R per
+    layer, outside the optimizer. The log gets L_reg as `orthonormality`, as the SORSA code's does.
+    """
+
+    def __init__(self, layers, gamma: float, update: str = "reference"):
+        if update not in ("reference", "decoupled"):
+            raise ValueError(f"update must be reference or decoupled, got {update!r}")
         self.layers = list(layers)
         self.gamma = gamma
+        self.update = update
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # transformers calls this after clipping, where the SORSA trainer adds its regulariser
+        if self.update == "reference" and self.gamma > 0:
+            scale = self.gamma / args.learning_rate / (2 * len(self.layers))
+            for layer in self.layers:
+                layer.add_orthonormal_gradient(scale)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        for layer in self.layers:
-            layer.orthonormal_step(self.gamma)
+        if self.update == "decoupled":
+            for layer in self.layers:
+                layer.orthonormal_step(self.gamma)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self.layers:
+            norms = [norm for layer in self.layers for _, _, norm in layer.orthonormal_gradients()]
+            logs["orthonormality"] = sum(norms) / len(norms)
 
 
 class SignalCallback(TrainerCallback):
@@ -410,7 +432,7 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
     log = LogCallback(output_dir / LOG_NAME)
     callbacks = [signals, CadenceCallback(), log]
     if recipe.adapter.method == "sorsa":
-        callbacks.insert(0, SorsaCallback(layers.values(), recipe.adapter.gamma))
+        callbacks.insert(0, SorsaCallback(layers.values(), recipe.adapter.gamma, recipe.adapter.sorsa_update))
     if reporter:
         callbacks.append(reporter.progress_callback())
     trainer = SaraTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,

@@ -264,6 +264,103 @@ def test_sorsa_regulariser_gradient_matches_autograd():
     torch.testing.assert_close(layer.sorsa_Vh.double(), expected_Vh, atol=1e-6, rtol=0)
 
 
+def numpy_adamw_reference_steps(params, loss_grads, steps, lr, gamma, max_norm, wd, layers):
+    """SORSA's reference rule by hand (float64 numpy): clip the loss gradient to max_norm, add
+    (gamma / lr) * grad of L_reg = mean over the 2L factors of ||M||_F, then torch's AdamW.
+
+    params: {name: array}, names "i.U", "i.S", "i.Vh" for layer i; loss_grads: {name: array}.
+    """
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    p = {k: v.copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    for t in range(1, steps + 1):
+        total = math.sqrt(sum(float((g ** 2).sum()) for g in loss_grads.values()))
+        coef = min(1.0, max_norm / (total + 1e-6))  # torch.nn.utils.clip_grad_norm_
+        g = {k: loss_grads[k] * coef for k in p}
+        for i in range(layers):
+            U, Vh = p[f"{i}.U"], p[f"{i}.Vh"]  # (out, r), (r, in)
+            M_U, M_Vh = U.T @ U - np.eye(U.shape[1]), Vh @ Vh.T - np.eye(Vh.shape[0])  # (r, r)
+            scale = (gamma / lr) / (2 * layers)
+            g[f"{i}.U"] = g[f"{i}.U"] + scale * 2 * U @ M_U / np.linalg.norm(M_U)
+            g[f"{i}.Vh"] = g[f"{i}.Vh"] + scale * 2 * M_Vh @ Vh / np.linalg.norm(M_Vh)
+        for k in p:
+            p[k] = p[k] * (1 - lr * wd)
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v2[k] = b2 * v2[k] + (1 - b2) * g[k] ** 2
+            m_hat, v_hat = m[k] / (1 - b1 ** t), v2[k] / (1 - b2 ** t)
+            p[k] = p[k] - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.05])
+def test_sorsa_reference_rule_equals_a_hand_computed_adamw_step(gamma):
+    """Two AdamW steps on two tiny SORSA layers in float64, with a fixed linear loss, against
+    numpy; the regulariser is large enough to change the update (the gamma = 0 case differs)."""
+    from types import SimpleNamespace
+
+    from sara_cli.train import SorsaCallback
+
+    torch.manual_seed(3)
+    layers = [SorsaLayer(linear(6, 5), rank=3).double() for _ in range(2)]
+    names = {}
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.sorsa_U.add_(torch.randn_like(layer.sorsa_U) * 0.2)
+            layer.sorsa_Vh.add_(torch.randn_like(layer.sorsa_Vh) * 0.2)
+            names.update({f"{i}.U": layer.sorsa_U, f"{i}.S": layer.sorsa_S, f"{i}.Vh": layer.sorsa_Vh})
+    gen = torch.Generator().manual_seed(4)
+    coefficients = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in names.items()}
+    start = {k: p.detach().numpy().copy() for k, p in names.items()}
+    lr, max_norm, wd = 1e-2, 0.5, 0.01
+    optimizer = torch.optim.AdamW(list(names.values()), lr=lr, weight_decay=wd)
+    callback = SorsaCallback(layers, gamma=gamma, update="reference")
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum((coefficients[k] * p).sum() for k, p in names.items()).backward()  # grad = coefficients
+        torch.nn.utils.clip_grad_norm_(list(names.values()), max_norm)  # the Trainer clips first
+        callback.on_pre_optimizer_step(SimpleNamespace(learning_rate=lr), None, None)
+        optimizer.step()
+    expected = numpy_adamw_reference_steps(start, {k: c.numpy() for k, c in coefficients.items()}, 2,
+                                           lr, gamma, max_norm, wd, len(layers))
+    for k, p in names.items():
+        np.testing.assert_allclose(p.detach().numpy(), expected[k], rtol=0, atol=1e-12, err_msg=k)
+    without = numpy_adamw_reference_steps(start, {k: c.numpy() for k, c in coefficients.items()}, 2,
+                                          lr, 0.0, max_norm, wd, len(layers))
+    moved = max(float(np.abs(expected[k] - without[k]).max()) for k in names)
+    assert (moved > 1e-3) == (gamma > 0)
+
+
+def test_sara_random_lambda_is_kaiming_uniform_with_fan_in_k():
+    layer = SaraLayer(linear(64, 48), rank=40, init_lambda="random")
+    lam = layer.sara_lambda.detach().double().numpy()  # (k,)
+    bound = 1 / math.sqrt(40)
+    assert np.all(np.abs(lam) <= bound) and np.abs(lam).max() > 0.8 * bound  # U(-1/sqrt(k), 1/sqrt(k))
+    assert abs(lam.mean()) < 0.3 * bound
+    x = torch.randn(3, 48)
+    assert not torch.allclose(layer(x), layer.base_layer(x))  # the paper-literal reading changes the model
+    with pytest.raises(ValueError, match="init_lambda"):
+        SaraLayer(linear(), rank=2, init_lambda="gaussian")
+
+
+def test_mosara_router_starts_as_the_papers_two_linear_layers():
+    """W_g1 (k, 1) and W_g2 (1, m) are drawn as nn.Linear(k, 1) and nn.Linear(1, m) draw their
+    weights (transposed): Kaiming uniform with fan-ins k and 1, bounds 1/sqrt(k) and 1."""
+    from sara_cli.adapters.base import kaiming_uniform
+
+    k, m = 37, 5
+    torch.manual_seed(11)
+    first = nn.Linear(k, 1, bias=False).weight.detach().T  # (k, 1)
+    second = nn.Linear(1, m, bias=False).weight.detach().T  # (1, m)
+    torch.manual_seed(11)
+    torch.testing.assert_close(kaiming_uniform((k, 1), "cpu", fan_in=k), first, rtol=0, atol=0)
+    torch.testing.assert_close(kaiming_uniform((1, m), "cpu", fan_in=1), second, rtol=0, atol=0)
+    layer = MoSaraLayer(linear(64, 64), rank=k, num_experts=m)
+    assert float(layer.mosara_router_in.abs().max()) <= 1 / math.sqrt(k)
+    assert float(layer.mosara_router_out.abs().max()) <= 1.0
+    assert float(layer.mosara_router_in.abs().max()) > 0.5 / math.sqrt(k)
+
+
 def test_pissa_factors_are_the_principal_part():
     base = linear(10, 8)
     W = base.weight.detach().double().numpy().copy()

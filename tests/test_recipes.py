@@ -54,7 +54,8 @@ PAPER = {
     "gpt2m-e2e-mosara.yaml": {**E2E, "adapter.method": "mosara", "adapter.tau": 0.5, "adapter.num_experts": 3,
                               "train.learning_rate": 7e-2},
     "llama2-7b-sorsa.yaml": {"model.name_or_path": "meta-llama/Llama-2-7b-hf", "adapter.method": "sorsa",
-                             "adapter.rank": 128, "adapter.gamma": 4e-4, "train.learning_rate": 3e-5,
+                             "adapter.rank": 128, "adapter.gamma": 4e-4, "adapter.sorsa_update": "reference",
+                             "adapter.svd": "full", "train.learning_rate": 3e-5,
                              "adapter.targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                              "train.lr_scheduler_type": "cosine", "train.warmup_ratio": 0.03, "train.bf16": True},
 }
@@ -306,6 +307,7 @@ def test_zero_init_up_with_zero_lambda_cannot_train():
     assert problems(minimal("sara", zero_init="up", init_lambda=None, use_lambda=None)) == [line]
     validate(minimal("sara", zero_init="up", init_lambda="ones"))
     validate(minimal("sara", zero_init="up", use_lambda=False))
+    validate(minimal("sara", zero_init="up", init_lambda="random"))  # lambda != 0: U gets a gradient
 
 
 def test_settings_that_would_silently_override_each_other():
@@ -326,7 +328,8 @@ def test_method_defaults_filled():
     mosara = validate(minimal("mosara")).adapter
     assert (mosara.tau, mosara.num_experts, mosara.v_position) == (0.5, 5, "after")
     sorsa = validate(minimal("sorsa")).adapter
-    assert (sorsa.gamma, sorsa.rank, sorsa.tau) == (4e-4, 8, None)
+    assert (sorsa.gamma, sorsa.rank, sorsa.tau, sorsa.sorsa_update, sorsa.svd) == (4e-4, 8, None, "reference", "full")
+    assert validate(minimal("pissa")).adapter.svd == "lowrank"
     lora = validate(minimal("lora")).adapter
     assert (lora.rank, lora.alpha, lora.gamma) == (8, 16.0, None)
     assert validate(minimal("sara", tau=0.2)).adapter.tau == 0.2  # a given value is kept

@@ -20,11 +20,18 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def kaiming_uniform(shape: tuple[int, ...], device) -> torch.Tensor:
-    """nn.Linear's default init (Kaiming uniform with a=sqrt(5)), fan_in = shape[1]."""
-    t = torch.empty(shape, dtype=ADAPTER_DTYPE, device=device)
-    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
-    return t
+def kaiming_uniform(shape: tuple[int, ...], device, fan_in: int | None = None) -> torch.Tensor:
+    """nn.Linear's default init (Kaiming uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    fan_in defaults to shape[1], the fan-in of a weight stored (out, in); pass it for a tensor
+    stored another way (a transposed weight, a vector).
+    """
+    if fan_in is None:
+        t = torch.empty(shape, dtype=ADAPTER_DTYPE, device=device)
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+        return t
+    bound = 1.0 / math.sqrt(fan_in)  # gain sqrt(2 / (1 + 5)) times sqrt(3 / fan_in)
+    return torch.empty(shape, dtype=ADAPTER_DTYPE, device=device).uniform_(-bound, bound)
 
 
 class AdapterLayer(nn.Module):

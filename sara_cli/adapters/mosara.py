@@ -13,7 +13,8 @@ pair of rank-k products whatever m is. `v_position="before"` puts v (in) in fron
 y = x W^T + b + (((dropout(x) * v) V_k) * lbar) U_k^T, with the router still reading z.
 
 Lam starts at ones plus uniform noise in [-0.1, 0.1) so the experts differ and the router has a
-gradient; v = 0 keeps the model unchanged at init.
+gradient; v = 0 keeps the model unchanged at init. W_g1 and W_g2 start as nn.Linear(k, 1) and
+nn.Linear(1, m) weights would (Kaiming uniform with fan-ins k and 1; no biases).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class MoSaraLayer(AdapterLayer):
         self.mosara_lambda = nn.Parameter(1.0 + noise)  # (m, k)
         v_size = self.out_features if v_position == "after" else self.in_features
         self.mosara_v = nn.Parameter(torch.zeros(v_size, dtype=ADAPTER_DTYPE, device=device))
-        self.mosara_router_in = nn.Parameter(kaiming_uniform((k, 1), device))  # W_g1 (k, 1)
-        self.mosara_router_out = nn.Parameter(kaiming_uniform((1, m), device))  # W_g2 (1, m)
+        # The paper's two one-dimensional linear layers, nn.Linear(k, 1) and nn.Linear(1, m), stored
+        # as their transposes: each keeps its layer's fan-in (k, then 1), so bounds 1/sqrt(k) and 1.
+        self.mosara_router_in = nn.Parameter(kaiming_uniform((k, 1), device, fan_in=k))  # W_g1 (k, 1)
+        self.mosara_router_out = nn.Parameter(kaiming_uniform((1, m), device, fan_in=1))  # W_g2 (1, m)
         self.record_gates = False
         self.recorded_gates: list[torch.Tensor] = []
 

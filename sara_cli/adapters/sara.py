@@ -7,7 +7,9 @@
 The paper calls the branch "randomly initialized" without saying which factor is zero. Default:
 U and Vh Kaiming uniform, lam zeros, so the model is exactly unchanged at step 0. The paper's
 ablations are options: `use_lambda=False` (no lam: branch U Vh), `init_lambda="ones"`, and
-`zero_init="up"` (U = 0, the paper's "V = 0" in its x W convention).
+`zero_init="up"` (U = 0, the paper's "V = 0" in its x W convention). `init_lambda="random"` is the
+literal reading of "a randomly initialized truncated singular value matrix": lam ~ U(-1/sqrt(k),
+1/sqrt(k)), Kaiming uniform with fan-in k, as nn.Linear(k, 1) draws its weight row.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ class SaraLayer(AdapterLayer):
                  dropout: float = 0.0, use_lambda: bool = True, init_lambda: str = "zeros",
                  zero_init: str = "none", initialize: bool = True, source=None):
         super().__init__(base_layer, dropout)
-        if init_lambda not in ("zeros", "ones") or zero_init not in ("none", "up"):
-            raise ValueError(f"init_lambda must be zeros|ones and zero_init none|up, got "
+        if init_lambda not in ("zeros", "ones", "random") or zero_init not in ("none", "up"):
+            raise ValueError(f"init_lambda must be zeros|ones|random and zero_init none|up, got "
                              f"{init_lambda!r}, {zero_init!r}")
         if use_lambda and zero_init == "up" and init_lambda == "zeros":
             raise ValueError("zero_init='up' with init_lambda='zeros' can never train: U = 0 and "
@@ -45,8 +47,12 @@ class SaraLayer(AdapterLayer):
         self.sara_Vh = nn.Parameter(kaiming_uniform((rank, self.in_features), device))  # (k, in)
         self.use_lambda = use_lambda
         if use_lambda:
-            fill = 0.0 if init_lambda == "zeros" else 1.0
-            self.sara_lambda = nn.Parameter(torch.full((rank,), fill, dtype=ADAPTER_DTYPE, device=device))
+            if init_lambda == "random":
+                lam = kaiming_uniform((rank,), device, fan_in=rank)
+            else:
+                lam = torch.full((rank,), 0.0 if init_lambda == "zeros" else 1.0, dtype=ADAPTER_DTYPE,
+                                 device=device)
+            self.sara_lambda = nn.Parameter(lam)  # (k,)
 
     def _scaled_U(self) -> torch.Tensor:
         return self.sara_U * self.sara_lambda if self.use_lambda else self.sara_U  # (out, k)

@@ -2,11 +2,14 @@
 
     top r of W = U diag(s) V^T:  U_p = U_r (out, r),  s_p = s_r (r),  Vh_p = V_r^T (r, in)
     W_res = W - U_p diag(s_p) Vh_p (frozen);  y = x W_res^T + b + ((dropout(x) Vh_p^T) * s_p) U_p^T
-    L_reg = ||U_p^T U_p - I||_F + ||Vh_p Vh_p^T - I||_F
+    per layer:  R = ||U_p^T U_p - I||_F + ||Vh_p Vh_p^T - I||_F
 
-After every optimizer step the trainer takes a separate step W_p <- W_p - gamma * grad(L_reg)
-(`orthonormal_step`). The gradient is analytic: for M = U^T U - I,
-d||M||_F / dU = 2 U M / ||M||_F (and 2 M Vh / ||M||_F for Vh).
+The trainer applies the regulariser (train.SorsaCallback, docs/methods.md section 3.3) in one of two
+ways. `reference`, as the SORSA code does: after gradient clipping and before the optimizer step,
+add the gradient of (gamma / lr_peak) * L_reg, with L_reg the mean of the 2L norms over all L
+layers, so it goes through AdamW (`add_orthonormal_gradient`). `decoupled`: after the optimizer
+step, a plain step W_p <- W_p - gamma * grad R per layer (`orthonormal_step`). The gradient is
+analytic: for M = U^T U - I, d||M||_F / dU = 2 U M / ||M||_F (and 2 M Vh / ||M||_F for Vh).
 """
 
 from __future__ import annotations
@@ -61,16 +64,41 @@ class SorsaLayer(AdapterLayer):
         return (self.sorsa_U * self.sorsa_S) @ self.sorsa_Vh
 
     @torch.no_grad()
-    def orthonormal_step(self, gamma: float) -> None:
-        """One gradient step of size gamma on L_reg, with the analytic gradient."""
+    def orthonormal_gradients(self) -> list[tuple[nn.Parameter, torch.Tensor, float]]:
+        """(parameter, gradient of its ||M||_F, ||M||_F) for U (out, r) and Vh (r, in).
+
+        ||M||_F is not differentiable at M = 0; a factor with ||M||_F < 1e-12 gets a zero gradient
+        (what autograd gives for torch.norm at 0, as in the SORSA code).
+        """
         eye = torch.eye(self.r, dtype=self.sorsa_U.dtype, device=self.sorsa_U.device)
+        result = []
         for param, left in ((self.sorsa_U, True), (self.sorsa_Vh, False)):
             M = param.T @ param - eye if left else param @ param.T - eye  # (r, r), symmetric
-            norm = torch.linalg.matrix_norm(M)
-            if float(norm) < 1e-12:  # ||M||_F is not differentiable at 0 and needs no step
-                continue
-            grad = 2.0 * (param @ M if left else M @ param) / norm
+            norm = float(torch.linalg.matrix_norm(M))
+            if norm < 1e-12:
+                grad = torch.zeros_like(param)
+            else:
+                grad = 2.0 * (param @ M if left else M @ param) / norm
+            result.append((param, grad, norm))
+        return result
+
+    @torch.no_grad()
+    def orthonormal_step(self, gamma: float) -> None:
+        """The decoupled rule: one plain gradient step of size gamma on this layer's R."""
+        for param, grad, _ in self.orthonormal_gradients():
             param.sub_(gamma * grad)
+
+    @torch.no_grad()
+    def add_orthonormal_gradient(self, scale: float) -> float:
+        """The reference rule: add scale * grad R to U.grad and Vh.grad. Returns R (the two norms)."""
+        total = 0.0
+        for param, grad, norm in self.orthonormal_gradients():
+            if param.grad is None:
+                param.grad = scale * grad
+            else:
+                param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
+            total += norm
+        return total
 
     def rank(self) -> int:
         return self.r
