@@ -120,6 +120,21 @@ def main() -> None:
         app(args=args, prog_name="sara")
     finally:
         DEBUG["argv"] = False
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Close a torchrun process group before exit: gloo can abort (SIGABRT) a process that
+    exits with its group still open, turning a finished run's exit code into a failure."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the run's own outcome matters more than a clean teardown
+            pass
 
 
 # -- analyze -------------------------------------------------------------------------------------

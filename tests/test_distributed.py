@@ -246,6 +246,8 @@ dist.all_gather(gathered, layers["a"].sara_U.data.contiguous())
 again = distributed.check_identical(layers)
 # One write per rank: print() writes its pieces separately, which two ranks interleave.
 sys.stdout.write(f"{rank} {agreed} {again} {torch.equal(gathered[0], gathered[1])}\\n")
+sys.stdout.flush()
+dist.destroy_process_group()  # an open gloo group can abort the process at exit
 """
 
 
