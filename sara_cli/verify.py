@@ -49,8 +49,13 @@ def next_token_loss(logits, labels) -> tuple[float, int]:
     return float(total), int((shifted != -100).sum())
 
 
-def run_model(model, tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 256) -> Outputs:
-    """Logits and mean next-token loss of `model` over `texts`, kept on the CPU."""
+def run_model(model, tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 256,
+              keep_logits: bool = True) -> Outputs:
+    """Logits and mean next-token loss of `model` over `texts`, kept on the CPU.
+
+    With keep_logits=False only the loss is kept: calibration data (up to 256 records) would
+    otherwise hold records x tokens x vocabulary floats, gigabytes for a 50k vocabulary.
+    """
     import torch
 
     from sara_cli.gates import batches
@@ -65,8 +70,9 @@ def run_model(model, tokenizer, texts: list[str], batch_size: int = 4, max_lengt
             loss_sum, tokens = next_token_loss(out, batch["input_ids"].masked_fill(~mask, -100))
             total_loss += loss_sum
             total_tokens += tokens
-            logits.append(out.cpu())
-            masks.append(mask.cpu())
+            if keep_logits:
+                logits.append(out.cpu())
+                masks.append(mask.cpu())
     return Outputs(logits, masks, total_loss / max(total_tokens, 1))
 
 
@@ -179,7 +185,7 @@ def mean_routing(adapter_dir: Path, base: str, dtype_name: str, calibration: str
     gates = collect_gates(model, tokenizer, calibration_texts)
     mean_gates = {name: g.mean(dim=0) for name, g in gates.items()}
     routed = run_model(model, tokenizer, texts)
-    routed_calibration = run_model(model, tokenizer, calibration_texts)
+    routed_calibration = run_model(model, tokenizer, calibration_texts, keep_logits=False)
     free(model)
     return mean_gates, routed, routed_calibration, calibration_texts
 
@@ -197,7 +203,8 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
     tokenizer = load_tokenizer(staging)
     check_finite(merged, "merged tensor {name} holds NaN or inf")
     merged_out = run_model(merged, tokenizer, texts)
-    merged_calibration = run_model(merged, tokenizer, list(calibration_texts)) if calibration_texts else None
+    merged_calibration = (run_model(merged, tokenizer, list(calibration_texts), keep_logits=False)
+                          if calibration_texts else None)
     free(merged)
     if merged_calibration is not None:
         figures = compare(routed, merged_out)

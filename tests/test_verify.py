@@ -48,6 +48,33 @@ def test_greedy_flips_at_near_ties_are_not_counted():
     assert tight["max_abs_logit_diff"] == pytest.approx(2.5)
 
 
+def test_a_loss_only_pass_keeps_no_logits_and_scores_like_numpy(llama_dir):
+    """Calibration runs (256 records) keep only the loss: kept logits would be records x tokens x
+    vocabulary floats. The loss is the token-weighted mean next-token cross-entropy, checked in
+    float64 numpy on logits from a separate pass."""
+    from sara_cli.loading import load_tokenizer
+
+    model, tokenizer = tiny_llama().eval(), load_tokenizer(llama_dir)
+    texts = ["one two three four five six seven", "eight nine", "ten eleven twelve thirteen fourteen"]
+    loss_only = verify.run_model(model, tokenizer, texts, batch_size=2, keep_logits=False)
+    assert loss_only.logits == [] and loss_only.masks == []
+    full = verify.run_model(model, tokenizer, texts, batch_size=2)
+    total, count = 0.0, 0
+    for logits, mask, ids in zip(full.logits, full.masks,
+                                 (tokenizer(texts[i:i + 2], return_tensors="pt", padding=True)["input_ids"]
+                                  for i in (0, 2))):
+        z = logits.double().numpy()
+        logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        for b in range(z.shape[0]):
+            real = mask[b].numpy()
+            for t in range(z.shape[1] - 1):
+                if real[t + 1]:
+                    total -= logp[b, t, int(ids[b, t + 1])]
+                    count += 1
+    assert count > 10
+    assert loss_only.loss == pytest.approx(total / count, rel=1e-6)
+
+
 # -- the noise floor --------------------------------------------------------------------------------
 
 def test_perturbation_moves_every_adapted_weight_by_exactly_one_ulp():
