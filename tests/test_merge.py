@@ -42,7 +42,7 @@ ADAPTER = {
 RECORDS = [{"instruction": f"Add {i} and {i + 3}.", "input": "", "output": f"The sum is {2 * i + 3}."}
            for i in range(8)]
 TEXT = "Question: what is 12 plus 30? Answer: 42. The quick brown fox jumps over the lazy dog."
-FP32_TOLERANCE = 1e-4  # the merge's own float32 criterion
+FP32_TOLERANCE = 1e-4  # a fixed bound, independent of the noise-floor rule, that tiny models meet easily
 
 # Loads merged folders with nothing but transformers: `sara_cli` is poisoned in sys.modules, the
 # interpreter runs isolated (-I: no PYTHONPATH, no cwd or script folder on sys.path), in a
