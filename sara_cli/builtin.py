@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,12 @@ def model_path(reference: str) -> Path:
         source = packaged_file(name)
         digest = file_sha256(source)
         folder = f"{name}-{digest[:16]}-c{CONVERSION_VERSION}"
-        return _materialise(cache_dir() / "models" / folder,
-                            lambda out: _convert_gguf(name, spec, source, digest, out))
+        target = cache_dir() / "models" / folder
+        if not (target / "model.safetensors").exists() and os.environ.get("RANK", "0") == "0":
+            # Once per cache: say why the first command pauses (about 20 s on 2 CPU cores).
+            print(f"notice: converting builtin:{name} from its GGUF file into {target} (once)",
+                  file=sys.stderr, flush=True)
+        return _materialise(target, lambda out: _convert_gguf(name, spec, source, digest, out))
     from sara_cli import __version__
 
     # The folder name carries a hash of the shipped config and tokenizer, so a changed asset

@@ -228,6 +228,16 @@ def test_conversion_is_reused(registered, monkeypatch):
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_first_conversion_says_so_once(registered, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("SARA_HOME", str(tmp_path / "fresh-home"))
+    folder = builtin.model_path(f"builtin:{NAME}")
+    first = capsys.readouterr().err
+    notices = [line for line in first.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and f"converting builtin:{NAME}" in notices[0] and str(folder) in notices[0]
+    builtin.model_path(f"builtin:{NAME}")
+    assert "notice:" not in capsys.readouterr().err
+
+
 def test_another_source_file_gets_its_own_folder(registered, tmp_path, monkeypatch):
     first = builtin.model_path(f"builtin:{NAME}")
     other = tmp_path / "other"
