@@ -2,9 +2,11 @@
 
     python bench/packing.py                              # 1 epoch each way, prints a table
     python bench/packing.py --epochs 2 --out packing.json
+    python bench/packing.py --model builtin:smollm2-135m-instruct --out packing-smollm2.json
 
-Each layout trains recipes/quickstart.yaml (Mo-SARA on builtin:tiny-llama, 400 MAWPS records,
-batch 16, cutoff_len 256) from the same start. Tokens per second is the records' real tokens
+Each layout trains recipes/quickstart.yaml (Mo-SARA on q_proj, v_proj, 400 MAWPS records) from
+the same start, with the bench's own settings pinned over the recipe's: the model (default
+builtin:tiny-llama), batch 16, cutoff_len 256, whole epochs (no max_steps). Tokens per second is the records' real tokens
 (padding not counted; the same count both ways) times the epochs, over the Trainer's
 `train_runtime` (the training loop only: no model build, no tokenization). The third layout is
 what flash-attention kernels get (each batch flattened into one row); sara uses it only with
@@ -30,7 +32,12 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 LAYOUTS = {"padded": False, "packed": True, "packed, one row per batch (flash layout)": True}
 
 
-def run(layout: str, epochs: float, workdir: Path) -> dict:
+# Pinned so that a change to the quickstart recipe cannot change what this bench measures:
+# cutoff 256 leaves room for two or three of these records (64-216 tokens) in one sequence.
+PINNED = ["data.cutoff_len=256", "train.per_device_train_batch_size=16", "train.max_steps=-1"]
+
+
+def run(layout: str, epochs: float, workdir: Path, model: str) -> dict:
     from unittest import mock
 
     from sara_cli import packing
@@ -39,7 +46,8 @@ def run(layout: str, epochs: float, workdir: Path) -> dict:
     from sara_cli.train import train
 
     out = workdir / layout.split(",")[0].replace(" ", "-")
-    recipe = load_recipe(RECIPE, [f"train.output_dir={out}", f"train.num_train_epochs={epochs}",
+    recipe = load_recipe(RECIPE, [*PINNED, f"model.name_or_path={model}",
+                                  f"train.output_dir={out}", f"train.num_train_epochs={epochs}",
                                   "train.save_steps=100000", "train.logging_steps=100000",
                                   f"data.packing={str(LAYOUTS[layout]).lower()}"])
     real = packing.collator_for
@@ -72,6 +80,7 @@ def run(layout: str, epochs: float, workdir: Path) -> dict:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python bench/packing.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs per layout (default 1)")
+    parser.add_argument("--model", default="builtin:tiny-llama", help="base model (default builtin:tiny-llama)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args(argv)
     import torch
@@ -79,7 +88,7 @@ def main(argv: list[str]) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="sara-packing-") as tmp:
         for layout in LAYOUTS:
-            results.append(run(layout, args.epochs, Path(tmp)))
+            results.append(run(layout, args.epochs, Path(tmp), args.model))
     base = results[0]["tokens_per_s"]
     print(f"{'layout':<42} {'steps':>5} {'seqs/epoch':>10} {'s/step':>7} {'tokens/s':>9} {'vs padded':>9} "
           f"{'load before/after':>17}")
@@ -87,7 +96,7 @@ def main(argv: list[str]) -> int:
         print(f"{r['layout']:<42} {r['steps']:>5} {r['sequences_per_epoch']:>10} {r['s_per_step']:>7.3f} "
               f"{r['tokens_per_s']:>9,.0f} {r['tokens_per_s'] / base:>8.2f}x "
               f"{r['load_1min_before']:>8.2f}/{r['load_1min_after']:.2f}")
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    machine = {"model": args.model, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(["python", "bench/packing.py", *argv])}
     print(json.dumps(machine))
