@@ -26,7 +26,7 @@ class SorsaLayer(AdapterLayer):
     reads_weight = True
 
     def __init__(self, base_layer: nn.Module, rank: int, dropout: float = 0.0,
-                 initialize: bool = True, svd: str = "lowrank", source=None):
+                 initialize: bool = True, svd: str = "full", source=None):
         super().__init__(base_layer, dropout)
         self.r = rank = min(rank, self.in_features, self.out_features)
         device = base_layer.weight.device
@@ -35,7 +35,7 @@ class SorsaLayer(AdapterLayer):
         Vh = torch.zeros(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
         if initialize:
             source = self.weight_source(source)
-            top = source.principal(rank, svd)  # 'lowrank' (randomized, niter 4) or 'full'
+            top = source.principal(rank, svd)  # 'full' (exact, the reference's) or 'lowrank'
             U, S, Vh = (t.to(device, ADAPTER_DTYPE) for t in (top.U, top.s, top.Vh))
         self.sorsa_U = nn.Parameter(U.clone())  # (out, r)
         self.sorsa_S = nn.Parameter(S.clone())  # (r,)
