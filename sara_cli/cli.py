@@ -269,7 +269,7 @@ def eval_command(
         console.print(f"{name}: {result['correct']}/{result['n']} correct, accuracy "
                       f"{result['accuracy']:.4f}", highlight=False)
     elif mode == "loss":
-        description, result = evaluate.loss(model, data, batch_size, limit, json_path)
+        description, result, json_path = evaluate.loss(model, data, batch_size, limit, json_path)
         console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "
                       f"{result['perplexity']:.3f} over {result['tokens']:,d} tokens", highlight=False)
     elif mode == "harness":

@@ -325,22 +325,37 @@ def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str,
     return Benchmarks(out, results, summary)
 
 
+def data_name(data: str) -> str:
+    """A records reference as a file name: a file's stem, a builtin's or hub id's last part."""
+    name = Path(data.split(":", 1)[1] if ":" in data else data).name
+    name = Path(name).stem if Path(data).suffix else name
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name) or "data"
+
+
 def loss(model: str, data: str, batch_size: int, limit: int | None,
-         json_path: Path | None = None) -> tuple[str, dict]:
-    """`--task loss`: (what was loaded, `mean_loss`'s figures); also written to `json_path`.
+         json_path: Path | None = None) -> tuple[str, dict, Path | None]:
+    """`--task loss`: (what was loaded, `mean_loss`'s figures, the JSON written or None).
+
+    The JSON goes to `json_path`; without it, a run's result is kept in the run
+    (RUN/eval/loss/<data name>.json, as `results_folder` places every mode), and any other
+    model's is only printed.
 
     Raises:
-        SaraError: a bad option or a missing data file (before the model loads), or bad records.
+        SaraError: a bad option, a missing data file or an unwritable target (before the model
+            loads), or bad records.
     """
     from sara_cli.data import check_data_reference
 
     check_options("fast", batch_size, limit, None)
     check_data_reference(data)
+    if json_path is None and rundir.run_of(Path(model)) is not None:
+        json_path = results_folder(model, "loss") / f"{data_name(data)}.json"
+        check_output_file(json_path, "the loss result")
     loaded, tokenizer, description, config = load_model(model)
     result = mean_loss(loaded, tokenizer, data, config, batch_size, limit)
     if json_path is not None:
         write_json(json_path, result)
-    return description, result
+    return description, result, json_path
 
 
 def score_file(predictions: Path, task_spec: str, json_path: Path | None = None) -> tuple[str, dict]:

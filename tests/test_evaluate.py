@@ -315,6 +315,22 @@ def test_loss_mode_on_a_run_uses_its_template_and_masking(sara_run, records_file
     torch.testing.assert_close(report["loss"], loss, rtol=1e-5, atol=0)
 
 
+def test_loss_of_a_run_is_kept_in_the_run_and_of_a_base_only_printed(sara_run, llama_dir, records_file,
+                                                                      tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "copy-of-run"
+    shutil.copytree(sara_run, run)
+    monkeypatch.chdir(tmp_path)
+    result = ok(run_cli("eval", run, "--task", "loss", "--data", records_file, "--batch-size", 2))
+    kept = run / "eval" / "loss" / "records.json"
+    assert f"wrote {kept}" in result.stdout
+    explicit = loss_from_cli(run, records_file, tmp_path / "explicit.json")
+    assert json.loads(kept.read_text()) == explicit
+    ok(run_cli("eval", llama_dir, "--task", "loss", "--data", records_file, "--batch-size", 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy-of-run", "explicit.json", "records.jsonl"]
+
+
 # -- --score ---------------------------------------------------------------------------------------
 
 
