@@ -75,18 +75,42 @@ class ChatSession:
         self.generation = generation
         self.history: list[dict] = [{"role": "system", "content": system}] if system else []
         self.generated_tokens = 0  # in the last answer
+        self.dropped_turns = 0  # earlier exchanges left out of the last prompt to fit the context
         self._stop = threading.Event()
 
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.history = [turn for turn in self.history if turn["role"] == "system"]
+
+    def context_length(self) -> int | None:
+        """The model's longest sequence in tokens, from its config; None when it names none."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def prompt(self, message: str) -> str:
-        """The text the model continues for `message` (with the conversation so far, chat only)."""
+        """The text the model continues for `message` (with the conversation so far, chat only).
+
+        A conversation whose prompt and answer budget (`max_new_tokens`) would pass the model's
+        context loses its oldest exchanges first, from the prompt and from the history; the
+        system message and the new message always stay. `dropped_turns` counts them.
+        """
         from sara_cli.data import alpaca_prompt, plain_prompt
 
+        self.dropped_turns = 0
         if self.template == "alpaca":
             return alpaca_prompt(message)
         if self.template == "plain":
             return plain_prompt(message)
-        turns = [*self.history, {"role": "user", "content": message}]
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        limit = self.context_length()
+        budget = self.generation.get("max_new_tokens", 0)
+        while True:
+            turns = [*self.history, {"role": "user", "content": message}]
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            earlier = [i for i, turn in enumerate(self.history) if turn["role"] != "system"]
+            if (limit is None or not earlier
+                    or len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + budget <= limit):
+                return text
+            del self.history[earlier[0]:earlier[0] + 2]  # the oldest user turn and its answer
+            self.dropped_turns += 1
 
     def stop(self) -> None:
         """End the answer being generated after the current token (Ctrl-C)."""

@@ -313,8 +313,8 @@ def chat(
     if prompt is not None:
         _stream_answer(session, prompt)
         return
-    err_console.print(f"chat with {description}; Ctrl-C stops an answer, Ctrl-D leaves", highlight=False,
-                      soft_wrap=True)
+    err_console.print(f"chat with {description}; Ctrl-C stops an answer, /reset forgets the conversation, "
+                      "Ctrl-D or /exit leaves", highlight=False, soft_wrap=True)
     while True:
         try:
             message = console.input("[bold]>[/] ")
@@ -324,7 +324,13 @@ def chat(
         except KeyboardInterrupt:
             console.print("  (Ctrl-D leaves)")
             continue
-        if message.strip():
+        command = message.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command in ("/reset", "/clear"):
+            session.reset()
+            err_console.print("(conversation forgotten)", highlight=False)
+        elif command:
             _stream_answer(session, message)
 
 
@@ -335,6 +341,9 @@ def _stream_answer(session, message: str) -> None:
     except KeyboardInterrupt:
         console.out(" [stopped]", end="", highlight=False)
     console.out("")
+    if session.dropped_turns:
+        err_console.print(f"(the {session.dropped_turns} oldest exchange(s) were left out to fit the model's "
+                          f"{session.context_length()}-token context)", highlight=False)
 
 
 # -- route-map -----------------------------------------------------------------------------------

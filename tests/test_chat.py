@@ -101,8 +101,43 @@ def test_interactive_session_keeps_the_conversation_and_leaves_on_eof(llama_dir,
     result = CliRunner().invoke(app, ["chat", str(llama_dir), "--max-new-tokens", str(TOKENS)],
                                 input=f"Hello.\n\n{MESSAGE}\n")
     assert result.exit_code == 0, result.output
-    assert "Ctrl-C stops an answer, Ctrl-D leaves" in result.stderr
+    assert "Ctrl-C stops an answer, /reset forgets the conversation, Ctrl-D or /exit leaves" in result.stderr
     assert f"> {first}\n" in result.stdout and f"> {second}\n" in result.stdout
+
+
+def test_reset_forgets_the_conversation_and_exit_leaves(llama_dir, base):
+    """After /reset the next prompt holds no earlier turn; /exit leaves before the next message."""
+    fresh = chat_answer(*base, [{"role": "user", "content": MESSAGE}])
+    from typer.testing import CliRunner
+
+    from sara_cli.cli import app
+
+    result = CliRunner().invoke(app, ["chat", str(llama_dir), "--max-new-tokens", str(TOKENS)],
+                                input=f"Hello.\n/reset\n{MESSAGE}\n/exit\nNever answered.\n")
+    assert result.exit_code == 0, result.output
+    assert "(conversation forgotten)" in result.stderr
+    # "> first\n" "> " (the /reset line, no answer) "> fresh\n" "> " (the /exit line): nothing after
+    assert result.stdout.count("\n") == 2 and result.stdout.endswith(f"> > {fresh}\n> ")
+
+
+def test_a_long_conversation_drops_its_oldest_exchanges_to_fit_the_context(base):
+    from sara_cli.chat import ChatSession
+
+    model, tokenizer = base
+    session = ChatSession(model, tokenizer, "chat", {"max_new_tokens": 7}, system="Be brief.")
+    exchanges = [[{"role": "user", "content": f"Question {i}: " + "words " * 20},
+                  {"role": "assistant", "content": f"Answer {i}."}] for i in range(3)]
+    session.history += [turn for pair in exchanges for turn in pair]
+    new = {"role": "user", "content": MESSAGE}
+    kept = [{"role": "system", "content": "Be brief."}, *exchanges[2], new]
+    expected = tokenizer.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)
+    fits = len(tokenizer(expected, add_special_tokens=False)["input_ids"]) + 7
+    session.context_length = lambda: fits  # room for the last exchange, not for two
+    assert session.prompt(MESSAGE) == expected
+    assert session.dropped_turns == 2 and session.history == kept[:-1]
+    session.context_length = lambda: 1  # nothing fits: the system message and the new message stay
+    session.prompt(MESSAGE)
+    assert session.history == kept[:1] and session.dropped_turns == 1
 
 
 def test_stop_ends_the_answer_after_the_current_token(llama_dir):
