@@ -6,8 +6,8 @@
 
 Each layout trains recipes/quickstart.yaml (Mo-SARA on q_proj, v_proj, 400 MAWPS records) from
 the same start, with the bench's own settings pinned over the recipe's: the model (default
-builtin:tiny-llama), batch 16, cutoff_len 256, whole epochs (no max_steps). Tokens per second is the records' real tokens
-(padding not counted; the same count both ways) times the epochs, over the Trainer's
+builtin:tiny-llama), batch 16, cutoff_len 256, whole epochs (no max_steps). Tokens per second is
+the records' real tokens (padding not counted; the same count both ways) times the epochs, over the Trainer's
 `train_runtime` (the training loop only: no model build, no tokenization). The third layout is
 what flash-attention kernels get (each batch flattened into one row); sara uses it only with
 them, and it is timed here to show why not with sdpa. Results are in docs/benchmarks.md.

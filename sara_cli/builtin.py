@@ -107,11 +107,9 @@ def model_path(reference: str) -> Path:
         digest = file_sha256(source)
         folder = f"{name}-{digest[:16]}-c{CONVERSION_VERSION}"
         target = cache_dir() / "models" / folder
-        if not (target / "model.safetensors").exists() and os.environ.get("RANK", "0") == "0":
-            # Once per cache: say why the first command pauses (about 20 s on 2 CPU cores).
-            print(f"notice: converting builtin:{name} from its GGUF file into {target} (once)",
-                  file=sys.stderr, flush=True)
-        return _materialise(target, lambda out: _convert_gguf(name, spec, source, digest, out))
+        # Say why the first command pauses (about 20 s on 2 CPU cores).
+        return _materialise(target, lambda out: _convert_gguf(name, spec, source, digest, out),
+                            notice=f"converting builtin:{name} from its GGUF file into {target} (once)")
     from sara_cli import __version__
 
     # The folder name carries a hash of the shipped config and tokenizer, so a changed asset
@@ -163,10 +161,13 @@ def source_info(model_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
-    """`target`, built by `build(staging)` into a staging folder and renamed into place."""
+def _materialise(target: Path, build: Callable[[Path], None], notice: str | None = None) -> Path:
+    """`target`, built by `build(staging)` into a staging folder and renamed into place; `notice`
+    goes to stderr (on rank 0) when a build is needed."""
     if (target / "model.safetensors").exists():
         return target
+    if notice is not None and os.environ.get("RANK", "0") == "0":
+        print(f"notice: {notice}", file=sys.stderr, flush=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -273,8 +273,12 @@ def results_folder(model: str, mode: str, out: Path | None = None) -> Path:
     if found is not None:
         run, inside = found
         return run / "eval" / (f"{inside}-{mode}" if inside else mode)
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in (Path(model).name or "model"))
-    return Path("eval-results") / f"{name}-{mode}"
+    return Path("eval-results") / f"{file_name(Path(model).name or 'model')}-{mode}"
+
+
+def file_name(text: str) -> str:
+    """`text` with characters other than letters, digits, `.`, `_` and `-` replaced by `-`."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
 
 
 def check_targets(out: Path | None, json_path: Path | None) -> None:
@@ -327,9 +331,7 @@ def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str,
 
 def data_name(data: str) -> str:
     """A records reference as a file name: a file's stem, a builtin's or hub id's last part."""
-    name = Path(data.split(":", 1)[1] if ":" in data else data).name
-    name = Path(name).stem if Path(data).suffix else name
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name) or "data"
+    return file_name(Path(data.split(":", 1)[-1]).stem) or "data"
 
 
 def loss(model: str, data: str, batch_size: int, limit: int | None,
