@@ -69,8 +69,8 @@ def child_memory(folder: str, route: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sara_cli.initialize import CheckpointWeights
-    from sara_cli.inject import inject_adapters
+    from sara_cli.adapters.initialize import CheckpointWeights
+    from sara_cli.adapters.inject import inject_adapters
 
     torch.set_num_threads(1)
     if route == "files":
@@ -93,8 +93,8 @@ def child_timing(folder: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sara_cli.initialize import CheckpointWeights
-    from sara_cli.inject import inject_adapters
+    from sara_cli.adapters.initialize import CheckpointWeights
+    from sara_cli.adapters.inject import inject_adapters
 
     torch.set_num_threads(1)
     os.environ["SARA_HOME"] = tempfile.mkdtemp(prefix="sara-cache-")  # an empty cache
@@ -108,7 +108,7 @@ def child_timing(folder: str) -> dict:
             started = time.perf_counter()
             inject_adapters(model, method, options, "all-linear", weights=weights)
             out[f"{method} {label}"] = time.perf_counter() - started
-    from sara_cli.cache import SpectrumCache
+    from sara_cli.model.cache import SpectrumCache
 
     out["cache MiB"] = SpectrumCache(CheckpointWeights(Path(folder)).fingerprint).size_bytes() / MIB
     return out

@@ -47,9 +47,9 @@ def main(argv: list[str]) -> int:
 
     from bench.cpu_init import checkpoint
     from bench.harness import LlamaShape
-    from sara_cli import distributed
-    from sara_cli.initialize import CheckpointWeights
-    from sara_cli.inject import inject_adapters
+    from sara_cli.training import distributed
+    from sara_cli.adapters.initialize import CheckpointWeights
+    from sara_cli.adapters.inject import inject_adapters
 
     parser = argparse.ArgumentParser(prog="torchrun ... bench/distributed_init.py")
     parser.add_argument("--out", type=Path, default=Path("dist-init.json"))

@@ -43,7 +43,7 @@ def build_model(shape: LlamaShape, settings: Settings):
 
 def load_tokenizer():
     """The bundled tokenizer; its ids are a subset of every benchmark model's vocabulary."""
-    from sara_cli.loading import load_tokenizer as load
+    from sara_cli.model.loading import load_tokenizer as load
 
     return load(TOKENIZER_DIR)
 

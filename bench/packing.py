@@ -40,10 +40,10 @@ PINNED = ["data.cutoff_len=256", "train.per_device_train_batch_size=16", "train.
 def run(layout: str, epochs: float, workdir: Path, model: str) -> dict:
     from unittest import mock
 
-    from sara_cli import packing
-    from sara_cli.data import load_split, tokenize_split
+    from sara_cli.data import packing
+    from sara_cli.data.dataset import load_split, tokenize_split
     from sara_cli.recipe import load_recipe
-    from sara_cli.train import train
+    from sara_cli.training.train import train
 
     out = workdir / layout.split(",")[0].replace(" ", "-")
     recipe = load_recipe(RECIPE, [*PINNED, f"model.name_or_path={model}",
@@ -65,7 +65,7 @@ def run(layout: str, epochs: float, workdir: Path, model: str) -> dict:
     runtime = next(r["train_runtime"] for r in log if "train_runtime" in r)
     from transformers import AutoTokenizer
 
-    from sara_cli import builtin
+    from sara_cli.model import builtin
 
     tokenizer = AutoTokenizer.from_pretrained(builtin.model_path(recipe.model.name_or_path))
     stats = tokenize_split(load_split(recipe.data, recipe.train.seed), recipe.data, tokenizer,

@@ -24,9 +24,9 @@ def naive_ranks(model_dir, targets: list[str], device: str) -> dict[str, list[in
     """{module: k per tau} from a full fp32 SVD of every targeted matrix."""
     import torch
 
-    from sara_cli import hub
-    from sara_cli.analyze import select_matrices
-    from sara_cli.spectrum import ranks_for_taus
+    from sara_cli.model import hub
+    from sara_cli.analysis.analyze import select_matrices
+    from sara_cli.model.spectrum import ranks_for_taus
 
     names = select_matrices(hub.tensor_index(model_dir), targets)
     ranks = {}
@@ -78,7 +78,7 @@ def run_command(result: SuiteResult, settings: Settings, model_dir, scope: str) 
 
 def run_call(result: SuiteResult, settings: Settings, model_dir, scope: str) -> dict:
     """Time `analyze()` in this process; returns its {module: k per tau}."""
-    from sara_cli.analyze import analyze
+    from sara_cli.analysis.analyze import analyze
 
     targets, tag = SCOPES[scope], scope.replace("/", "")
     runs = measure(lambda: analyze(str(model_dir), TAUS, targets, settings.device), settings)

@@ -17,7 +17,7 @@ PROTOCOLS = {"fast": "sara eval --protocol fast", "llm-adapters": "sara eval --p
 
 
 def run(settings: Settings, pool, peft=None, peft_reason=None) -> SuiteResult:
-    from sara_cli import evaluate, tasks
+    from sara_cli.evaluation import evaluate, tasks
 
     from bench.models import build_model, free_memory, load_tokenizer
 

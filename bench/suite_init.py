@@ -63,7 +63,7 @@ def count_decompositions():
 
 def spectrum_pass(model, names: list[str]) -> None:
     """What `sara analyze` does per matrix, on weights already on the device."""
-    from sara_cli.spectrum import ranks_for_taus, singular_values
+    from sara_cli.model.spectrum import ranks_for_taus, singular_values
 
     for name in names:
         s = singular_values(model.get_submodule(name).weight.detach(), name)  # (n,) float64
@@ -71,7 +71,7 @@ def spectrum_pass(model, names: list[str]) -> None:
 
 
 def sara_case(result: SuiteResult, settings: Settings, model, scope: str, case) -> None:
-    from sara_cli.inject import inject_adapters
+    from sara_cli.adapters.inject import inject_adapters
 
     key, name, method, options, rewrites = case
     targets, tag = SCOPES[scope], scope.replace("/", "")
@@ -112,7 +112,7 @@ def peft_case(result: SuiteResult, settings: Settings, model, scope: str, case, 
 
 
 def _names(model, targets: list[str]) -> list[str]:
-    from sara_cli.inject import find_targets
+    from sara_cli.adapters.inject import find_targets
 
     return find_targets(model, targets)
 

@@ -23,7 +23,7 @@ def load_4bit(folder, settings: Settings):
     """The saved base as 4-bit NF4, as `sara train` loads it (model.load_in_4bit: true)."""
     from types import SimpleNamespace
 
-    from sara_cli import loading, quantize
+    from sara_cli.model import loading, quantize
 
     spec = SimpleNamespace(name_or_path=str(folder), revision=None, dtype=settings.dtype_name,
                            trust_remote_code=False, attn_implementation=None, load_in_4bit=True,
@@ -38,8 +38,8 @@ def case(result: SuiteResult, settings: Settings, build, key: str, name: str, ba
          baseline: str | None = None, restore=None) -> Measurement:
     """Build a model with adapters (`build()` returns it), time its steps, then `restore()` (the
     shared bf16 model) or drop it (a 4-bit copy)."""
-    from sara_cli.inject import count_parameters
-    from sara_cli.loading import base_memory_bytes
+    from sara_cli.adapters.inject import count_parameters
+    from sara_cli.adapters.inject import base_memory_bytes
 
     model = build()
     try:
@@ -65,9 +65,9 @@ def lora_matched_rank(settings: Settings, params: int) -> int:
 
 
 def run(settings: Settings, pool, peft=None, peft_reason=None) -> SuiteResult:
-    from sara_cli import quantize
-    from sara_cli.initialize import CheckpointWeights
-    from sara_cli.inject import find_targets, inject_adapters
+    from sara_cli.model import quantize
+    from sara_cli.adapters.initialize import CheckpointWeights
+    from sara_cli.adapters.inject import find_targets, inject_adapters
 
     from bench.models import Snapshot
 

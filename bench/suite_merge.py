@@ -27,8 +27,9 @@ def make_adapter(model, model_dir, folder, settings: Settings):
     """A SARA adapter (tau 0.01, q/v) for `model_dir`, saved the way `sara train` saves one."""
     import torch
 
-    from sara_cli import checkpoint, hub
-    from sara_cli.inject import find_targets, inject_adapters
+    from sara_cli.adapters import checkpoint
+    from sara_cli.model import hub
+    from sara_cli.adapters.inject import find_targets, inject_adapters
 
     snapshot = Snapshot(model, find_targets(model, TARGETS))
     try:

@@ -75,7 +75,7 @@ def train_steps(module, settings: Settings) -> tuple[list[float], float | None]:
 def train_case(result: SuiteResult, settings: Settings, model, key: str, name: str, attach,
                baseline: str | None = None) -> Measurement:
     """Attach adapters with `attach(model)` (returns the module to train), time, and undo."""
-    from sara_cli.inject import adapter_layers, count_parameters, find_targets
+    from sara_cli.adapters.inject import adapter_layers, count_parameters, find_targets
 
     snapshot = Snapshot(model, find_targets(model, TARGETS))
     try:
@@ -94,7 +94,7 @@ def train_case(result: SuiteResult, settings: Settings, model, key: str, name: s
 
 
 def sara(method: str, options: dict):
-    from sara_cli.inject import inject_adapters
+    from sara_cli.adapters.inject import inject_adapters
 
     def attach(model):
         inject_adapters(model, method, {"dropout": DROPOUT, **options}, TARGETS)
@@ -109,7 +109,7 @@ def peft_lora(peft, rank: int):
 
 def matched_rank(model, sara_params: int) -> int:
     """The LoRA rank whose parameter count r * sum(in + out) is closest to SARA's."""
-    from sara_cli.inject import find_targets
+    from sara_cli.adapters.inject import find_targets
 
     modules = [model.get_submodule(name) for name in find_targets(model, TARGETS)]
     per_rank = sum(m.in_features + m.out_features for m in modules)

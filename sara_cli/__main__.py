@@ -1,3 +1,3 @@
-from sara_cli.cli import main
+from sara_cli.cli.app import main
 
 main()

@@ -100,7 +100,7 @@ def run_cli(*args):
     """Run `sara ARGS` in-process through Typer's runner."""
     from typer.testing import CliRunner
 
-    from sara_cli.cli import app
+    from sara_cli.cli.app import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -110,7 +110,7 @@ def trained_mosara_run(llama_dir, tmp_path_factory) -> Path:
     """A finished Mo-SARA run on the tiny Llama (alpaca template), trained through the API for three
     steps at a rate high enough that the routed adapter clearly changes the model's output."""
     from sara_cli.recipe import validate
-    from sara_cli.train import train
+    from sara_cli.training.train import train
 
     out = tmp_path_factory.mktemp("mosara-run") / "run"
     recipe = validate({

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_gpt2, tiny_llama
-from sara_cli.adapters import METHODS, MoSaraLayer, SaraLayer, SorsaLayer
-from sara_cli.inject import adapter_layers, count_parameters, inject_adapters, is_adapter_parameter
+from sara_cli.adapters.registry import METHODS, MoSaraLayer, SaraLayer, SorsaLayer
+from sara_cli.adapters.inject import adapter_layers, count_parameters, inject_adapters, is_adapter_parameter
 
 OPTIONS = {
     "sara": {"tau": 0.5},
@@ -299,7 +299,7 @@ def test_sorsa_reference_rule_equals_a_hand_computed_adamw_step(gamma):
     numpy; the regulariser is large enough to change the update (the gamma = 0 case differs)."""
     from types import SimpleNamespace
 
-    from sara_cli.train import SorsaCallback
+    from sara_cli.training.train import SorsaCallback
 
     torch.manual_seed(3)
     layers = [SorsaLayer(linear(6, 5), rank=3).double() for _ in range(2)]
@@ -364,7 +364,7 @@ def test_mosara_router_starts_as_the_papers_two_linear_layers():
 def test_pissa_factors_are_the_principal_part():
     base = linear(10, 8)
     W = base.weight.detach().double().numpy().copy()
-    from sara_cli.adapters import PissaLayer
+    from sara_cli.adapters.registry import PissaLayer
 
     layer = PissaLayer(base, rank=2, svd="full")
     U, s, Vh = np.linalg.svd(W)
@@ -375,7 +375,7 @@ def test_pissa_factors_are_the_principal_part():
 
 
 def test_lora_scaling_and_init():
-    from sara_cli.adapters import LoraLayer
+    from sara_cli.adapters.registry import LoraLayer
 
     layer = LoraLayer(linear(6, 5), rank=2, alpha=6)
     assert layer.scaling == 3.0

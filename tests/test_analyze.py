@@ -19,8 +19,8 @@ import torch
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from sara_cli import cli
-from sara_cli.cli import app
+from sara_cli.cli import app as cli
+from sara_cli.cli.app import app
 from sara_cli.errors import SaraError
 
 from conftest import tiny_llama
@@ -212,7 +212,7 @@ def test_layers_are_listed_in_numeric_order(deep_llama_dir, tmp_path, no_debug):
 
 
 def test_plot_has_whole_layer_ticks_and_a_label_inside_the_figure(llama_dir, no_debug):
-    from sara_cli.analyze import analyze, figure
+    from sara_cli.analysis.analyze import analyze, figure
 
     # Two layers: matplotlib's own ticks would be 0, 0.2, ..., 1; seven modules: a long label.
     fig = figure(analyze(str(llama_dir), [0.1, 0.5], ["all-linear"], "cpu"))
@@ -311,7 +311,7 @@ def test_match_lora_rank_printed_tau_reproduces_printed_count(llama_dir, no_debu
 # -- one spectrum per matrix -------------------------------------------------------------------
 
 def test_several_taus_share_one_spectrum_per_matrix(llama_dir, monkeypatch, no_debug, tmp_path):
-    import sara_cli.initialize as core
+    import sara_cli.adapters.initialize as core
 
     monkeypatch.setenv("SARA_HOME", str(tmp_path))  # a cold spectrum cache
     calls = []

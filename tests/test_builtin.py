@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from sara_cli import builtin
+from sara_cli.model import builtin
 from sara_cli.errors import SaraError
 
 from conftest import ASSETS, one_line_error, run_cli
@@ -310,7 +310,7 @@ def test_analyze_builtin_k_equals_numpy_svd(registered, tmp_path):
 
 def test_training_records_the_source(registered, tmp_path):
     from sara_cli.recipe import load_recipe
-    from sara_cli.train import build
+    from sara_cli.training.train import build
 
     path = tmp_path / "r.yaml"
     path.write_text(f"model: {{name_or_path: 'builtin:{NAME}'}}\nadapter: {{method: sara, tau: 0.5}}\n"

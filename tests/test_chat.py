@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import one_line_error, run_cli
-from sara_cli import checkpoint, loading
-from sara_cli.data import alpaca_prompt
+from sara_cli.adapters import checkpoint
+from sara_cli.data.dataset import alpaca_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MESSAGE = "Add 3 and 4."
@@ -51,9 +51,9 @@ def test_one_shot_on_a_routed_mosara_run(trained_mosara_run, llama_dir):
     """The run's alpaca template, and the adapter applied unmerged with its per-token routing."""
     from transformers import AutoModelForCausalLM
 
-    from sara_cli.adapters import MoSaraLayer
+    from sara_cli.adapters.registry import MoSaraLayer
 
-    model, tokenizer, _ = loading.load_adapter_model(trained_mosara_run / "adapter", device="cpu")
+    model, tokenizer, _ = checkpoint.load_adapter_model(trained_mosara_run / "adapter", device="cpu")
     assert any(isinstance(m, MoSaraLayer) for m in model.modules())
     expected = greedy_answer(model, tokenizer, alpaca_prompt(MESSAGE))
     answer = answer_of(run_cli("chat", trained_mosara_run, "--prompt", MESSAGE, "--max-new-tokens", TOKENS))
@@ -96,7 +96,7 @@ def test_interactive_session_keeps_the_conversation_and_leaves_on_eof(llama_dir,
                                  {"role": "user", "content": MESSAGE}])
     from typer.testing import CliRunner
 
-    from sara_cli.cli import app
+    from sara_cli.cli.app import app
 
     result = CliRunner().invoke(app, ["chat", str(llama_dir), "--max-new-tokens", str(TOKENS)],
                                 input=f"Hello.\n\n{MESSAGE}\n")
@@ -110,7 +110,7 @@ def test_reset_forgets_the_conversation_and_exit_leaves(llama_dir, base):
     fresh = chat_answer(*base, [{"role": "user", "content": MESSAGE}])
     from typer.testing import CliRunner
 
-    from sara_cli.cli import app
+    from sara_cli.cli.app import app
 
     result = CliRunner().invoke(app, ["chat", str(llama_dir), "--max-new-tokens", str(TOKENS)],
                                 input=f"Hello.\n/reset\n{MESSAGE}\n/exit\nNever answered.\n")
@@ -121,7 +121,7 @@ def test_reset_forgets_the_conversation_and_exit_leaves(llama_dir, base):
 
 
 def test_a_long_conversation_drops_its_oldest_exchanges_to_fit_the_context(base):
-    from sara_cli.chat import ChatSession
+    from sara_cli.evaluation.chat import ChatSession
 
     model, tokenizer = base
     session = ChatSession(model, tokenizer, "chat", {"max_new_tokens": 7}, system="Be brief.")
@@ -142,8 +142,8 @@ def test_a_long_conversation_drops_its_oldest_exchanges_to_fit_the_context(base)
 
 def test_stop_ends_the_answer_after_the_current_token(llama_dir):
     """What Ctrl-C does: the generating thread stops at its next step, not at max_new_tokens."""
-    from sara_cli.chat import ChatSession
-    from sara_cli.evaluate import load_model
+    from sara_cli.evaluation.chat import ChatSession
+    from sara_cli.evaluation.evaluate import load_model
 
     model, tokenizer, _, _ = load_model(str(llama_dir), device="cpu")
     session = ChatSession(model, tokenizer, "chat", {"max_new_tokens": 200, "do_sample": False})
@@ -156,7 +156,7 @@ def test_stop_ends_the_answer_after_the_current_token(llama_dir):
 
 
 def test_alpaca_answers_end_where_the_model_starts_a_new_block():
-    from sara_cli.chat import ChatSession
+    from sara_cli.evaluation.chat import ChatSession
 
     session = ChatSession(None, None, "alpaca", {})
     pieces = ["   The answer", " is 7.\n   ### Ins", "truction: more text", " never shown"]

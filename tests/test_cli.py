@@ -7,7 +7,7 @@ import sys
 from typer.testing import CliRunner
 
 from sara_cli import __version__
-from sara_cli.cli import app
+from sara_cli.cli.app import app
 
 COMMANDS = ("analyze", "train", "merge", "eval", "route-map", "chat")
 

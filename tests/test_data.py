@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_line_error
-from sara_cli.data import Tokenize, alpaca_prompt, check_records, load_records, prepare
+from sara_cli.data.dataset import Tokenize, alpaca_prompt, check_records, load_records, prepare
 from sara_cli.errors import SaraError
 from sara_cli.recipe import DataSection
 
@@ -480,7 +480,7 @@ def test_columns_map_metamathqa_and_system_and_history(tmp_path, tokenizer):
 # -- several datasets ------------------------------------------------------------------------------
 
 def test_a_list_of_files_with_their_own_settings(tmp_path, tokenizer):
-    from sara_cli.data import load_split, tokenize_split
+    from sara_cli.data.dataset import load_split, tokenize_split
 
     math = write_json(tmp_path / "math.json", [{"query": f"{i}+{i}?", "response": f"{2 * i}"} for i in range(10)])
     chat = write_json(tmp_path / "chat.json", [SHAREGPT] * 4)
@@ -593,7 +593,7 @@ def test_an_edited_file_is_tokenized_again(tmp_path, tokenizer, counted):
 
 
 def test_token_statistics(tmp_path, tokenizer):
-    from sara_cli.data import load_split, tokenize_split
+    from sara_cli.data.dataset import load_split, tokenize_split
 
     rows = records(6)
     rows[0]["output"] = "a long answer " * 20  # cut at cutoff_len

@@ -24,7 +24,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import one_line_error, run_cli
-from sara_cli import checkpoint, rundir
+from sara_cli.adapters import checkpoint
+from sara_cli.training import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = [{"instruction": f"Add {i} and {i + 3}.", "input": "" if i % 2 else f"{i} + {i + 3}",
@@ -33,7 +34,7 @@ SLOW_STEPS = """\
 # Test helper: slows every optimizer step, so a run can be signalled part-way.
 import os, time
 if os.environ.get("SARA_TEST_STEP_DELAY"):
-    import sara_cli.train as _train
+    import sara_cli.training.train as _train
     _delay = float(os.environ["SARA_TEST_STEP_DELAY"])
     _train.SignalCallback.on_step_begin = lambda self, *args, **kwargs: time.sleep(_delay)
 """
@@ -234,8 +235,8 @@ CHECK = """
 import os, sys, torch, torch.distributed as dist
 from torch import nn
 sys.path.insert(0, sys.argv[1])
-from sara_cli.adapters import SaraLayer
-from sara_cli import distributed
+from sara_cli.adapters.registry import SaraLayer
+from sara_cli.training import distributed
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(rank)  # a different init on each rank: the check must repair it

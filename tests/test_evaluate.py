@@ -18,7 +18,7 @@ import pytest
 from conftest import one_line_error, run_cli
 import torch
 
-from sara_cli import evaluate, tasks
+from sara_cli.evaluation import evaluate, tasks
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} is absent")
@@ -43,7 +43,7 @@ def ok(result):
 def sara_run(llama_dir, tmp_path_factory) -> Path:
     """A finished two-step SARA run on the tiny Llama, trained through the API."""
     from sara_cli.recipe import validate
-    from sara_cli.train import train
+    from sara_cli.training.train import train
 
     out = tmp_path_factory.mktemp("sara-run") / "run"
     recipe = validate({
@@ -259,7 +259,7 @@ def test_llm_adapters_protocol_is_one_by_one_with_four_beams(llama_dir, tmp_path
 
 def reference_loss(model, tokenizer, records, mask_prompt: bool) -> tuple[float, int]:
     """Mean next-token cross-entropy in float64, one record at a time (no padding at all)."""
-    from sara_cli.data import alpaca_prompt
+    from sara_cli.data.dataset import alpaca_prompt
 
     total, count = 0.0, 0
     for r in records:
@@ -306,10 +306,10 @@ def test_loss_mode_on_a_plain_checkpoint(llama_dir, records_file, tmp_path):
 
 def test_loss_mode_on_a_run_uses_its_template_and_masking(sara_run, records_file, tmp_path):
     """A run trained with train_on_inputs: false scores only the response tokens."""
-    from sara_cli import loading
+    from sara_cli.adapters import checkpoint
 
     report = loss_from_cli(sara_run, records_file, tmp_path / "loss.json")
-    model, tokenizer, _ = loading.load_adapter_model(sara_run / "adapter", device="cpu")
+    model, tokenizer, _ = checkpoint.load_adapter_model(sara_run / "adapter", device="cpu")
     loss, count = reference_loss(model, tokenizer, RECORDS, mask_prompt=True)
     assert report["tokens"] == count
     torch.testing.assert_close(report["loss"], loss, rtol=1e-5, atol=0)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import one_line_error, run_cli
-from sara_cli import rundir
+from sara_cli.training import rundir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

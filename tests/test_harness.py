@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import one_line_error, run_cli
-from sara_cli import tasks
+from sara_cli.evaluation import tasks
 
 lm_eval = pytest.importorskip("lm_eval")  # a dev dependency: CI installs it
 
@@ -40,7 +40,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_shipped_task_files_are_the_registry():
-    from sara_cli import harness
+    from sara_cli.evaluation import harness
 
     shipped = {p.stem: p.read_text() for p in harness.TASKS_DIR.glob("*.yaml")}
     assert set(shipped) == set(harness.HARNESS_TASKS)

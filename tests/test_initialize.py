@@ -10,12 +10,12 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import run_cli, tiny_gpt2, tiny_llama
-from sara_cli import cache as spectrum_cache
-from sara_cli import initialize
-from sara_cli.adapters import METHODS
-from sara_cli.checkpoint import adapter_tensors
-from sara_cli.initialize import CheckpointWeights
-from sara_cli.inject import inject_adapters
+from sara_cli.model import cache as spectrum_cache
+from sara_cli.adapters import initialize
+from sara_cli.adapters.registry import METHODS
+from sara_cli.adapters.checkpoint import adapter_tensors
+from sara_cli.adapters.initialize import CheckpointWeights
+from sara_cli.adapters.inject import inject_adapters
 
 OPTIONS = {
     "sara": {"tau": 0.5},

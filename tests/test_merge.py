@@ -25,10 +25,11 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import one_line_error
-from sara_cli import __version__, checkpoint, loading
-from sara_cli import merge as merge_module
-from sara_cli import verify as verify_module
-from sara_cli.cli import app
+from sara_cli import __version__
+from sara_cli.adapters import checkpoint
+from sara_cli.merging import merge as merge_module
+from sara_cli.merging import verify as verify_module
+from sara_cli.cli.app import app
 from sara_cli.errors import SaraError
 
 EXACT = ("sara", "lora", "pissa", "sorsa")
@@ -86,7 +87,7 @@ def figures(output: str) -> tuple[float, float]:
 
 def train_run(root: Path, base: Path, data: Path, method: str, targets: str = "q_proj,v_proj") -> Path:
     from sara_cli.recipe import validate
-    from sara_cli.train import train
+    from sara_cli.training.train import train
 
     out = root / f"run-{method}-{base.name}"
     recipe = validate({
@@ -112,7 +113,7 @@ def token_ids(base: Path, root: Path) -> Path:
 
 def adapter_logits(run: Path, ids_path: Path) -> np.ndarray:
     """Logits of base + adapter, the model the merge must reproduce. (1, T, V) float32."""
-    model, _, _ = loading.load_adapter_model(checkpoint.find_adapter_dir(run))
+    model, _, _ = checkpoint.load_adapter_model(checkpoint.find_adapter_dir(run))
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(np.load(ids_path))).logits.float().numpy()
 
@@ -421,11 +422,11 @@ def test_mosara_mean_routing_reports_fidelity(runs, merged, plain, data_file, wo
 
 
 def static_gate_logits(run: Path, data_file: Path, work: Path, base: Path) -> np.ndarray:
-    from sara_cli.adapters import MoSaraLayer
-    from sara_cli.data import Tokenize
-    from sara_cli.gates import collect_gates
+    from sara_cli.adapters.registry import MoSaraLayer
+    from sara_cli.data.dataset import Tokenize
+    from sara_cli.adapters.gates import collect_gates
 
-    model, tokenizer, _ = loading.load_adapter_model(checkpoint.find_adapter_dir(run))
+    model, tokenizer, _ = checkpoint.load_adapter_model(checkpoint.find_adapter_dir(run))
     texts = [Tokenize(tokenizer, "alpaca", 0, True).texts(r)[1] for r in RECORDS]
     mean = {name: g.mean(dim=0) for name, g in collect_gates(model, tokenizer, texts).items()}
     for name, layer in model.named_modules():
@@ -453,7 +454,7 @@ def test_mosara_static_router_merges_exactly(runs, data_file, tmp_path):
 
 @pytest.mark.parametrize("v_position", ["after", "before"])
 def test_mosara_static_delta_weight(v_position):
-    from sara_cli.adapters import MoSaraLayer
+    from sara_cli.adapters.registry import MoSaraLayer
 
     torch.manual_seed(0)
     layer = MoSaraLayer(torch.nn.Linear(6, 5), rank=3, num_experts=4, v_position=v_position)
@@ -643,7 +644,7 @@ def test_max_rank_report_figures_come_from_the_export(runs, tmp_path):
 @pytest.mark.parametrize(("rank", "cap"), [(1, 1), (2, 8), (8, 8), (9, 16), (300, 320), (321, 512),
                                            (512, 512), (513, None)])
 def test_vllm_max_lora_rank(rank, cap):
-    from sara_cli.export import vllm_max_lora_rank
+    from sara_cli.merging.export import vllm_max_lora_rank
 
     assert vllm_max_lora_rank(rank) == cap == smallest_allowed(rank)
 
@@ -651,7 +652,7 @@ def test_vllm_max_lora_rank(rank, cap):
 def test_rank_above_vllm_cap_warns():
     from rich.console import Console
 
-    from sara_cli.cli_views import export_report
+    from sara_cli.cli.views import export_report
 
     console = Console(record=True, width=200)
     export_report(console, {"rank": 600, "min_rank": 4, "vllm_max_lora_rank": None, "max_rank": None,

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ASSETS, tiny_gpt2, tiny_llama
 from sara_cli.errors import SaraError
-from sara_cli.packing import PackCollator, check_isolation, collator_for, plan_packs
+from sara_cli.data.packing import PackCollator, check_isolation, collator_for, plan_packs
 
 IGNORE = -100
 

@@ -20,11 +20,12 @@ from safetensors.numpy import load_file as load_numpy
 pytest.importorskip("bitsandbytes")  # in the dev extra; CI installs it
 
 from conftest import _save, one_line_error, run_cli, tiny_llama  # noqa: E402
-from sara_cli import checkpoint, evaluate  # noqa: E402
+from sara_cli.adapters import checkpoint
+from sara_cli.evaluation import evaluate  # noqa: E402
 from sara_cli.errors import SaraError  # noqa: E402
-from sara_cli.inject import adapter_layers  # noqa: E402
+from sara_cli.adapters.inject import adapter_layers  # noqa: E402
 from sara_cli.recipe import validate  # noqa: E402
-from sara_cli.train import build  # noqa: E402
+from sara_cli.training.train import build  # noqa: E402
 from test_merge import CHILD, adapter_state, tensors  # noqa: E402
 
 METHODS = ("sara", "mosara", "lora", "pissa", "sorsa")

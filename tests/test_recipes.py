@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sara_cli.cli import app
+from sara_cli.cli.app import app
 from sara_cli.errors import SaraError
 from sara_cli.recipe import METHOD_DEFAULTS, load_recipe, set_override, validate
 
@@ -64,7 +64,7 @@ PAPER = {
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch):
     """One-line errors: `main(["--debug"])` elsewhere in the session leaves the flag set."""
-    from sara_cli import cli
+    from sara_cli.cli import app as cli
 
     monkeypatch.setitem(cli.DEBUG, "on", False)
     monkeypatch.setitem(cli.DEBUG, "argv", False)
@@ -200,7 +200,7 @@ def tiny_data(path: Path, columns: dict, n: int) -> Path:
 def test_paper_recipe_dry_run_on_tiny_model(name, llama_dir, gpt2_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from sara_cli.data import prepare
+    from sara_cli.data.dataset import prepare
 
     path = ROOT / "recipes" / name
     original = load_recipe(path)

@@ -33,8 +33,9 @@ def build_adapter(base_dir: Path, run_dir: Path, method: str = "mosara", edit=No
     """
     from transformers import AutoModelForCausalLM
 
-    from sara_cli import checkpoint, hub
-    from sara_cli.inject import inject_adapters
+    from sara_cli.adapters import checkpoint
+    from sara_cli.model import hub
+    from sara_cli.adapters.inject import inject_adapters
 
     options = ({"tau": 0.5, "num_experts": EXPERTS, "v_position": "after", "dropout": 0.0} if method == "mosara"
                else {"tau": 0.5, "use_lambda": True, "init_lambda": "ones", "zero_init": "none", "dropout": 0.0})
@@ -60,15 +61,15 @@ def mosara_run(llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def routed_model(mosara_run):
-    from sara_cli import loading
+    from sara_cli.adapters import checkpoint
 
-    model, tokenizer, _ = loading.load_adapter_model(mosara_run / "adapter", device="cpu")
+    model, tokenizer, _ = checkpoint.load_adapter_model(mosara_run / "adapter", device="cpu")
     return model, tokenizer
 
 
 def reference_gates(model, tokenizer, texts) -> dict[str, np.ndarray]:
     """Per real token, in float64: softmax(((x Vh^T) W_g1) W_g2) from each layer's captured input."""
-    from sara_cli.adapters import MoSaraLayer
+    from sara_cli.adapters.registry import MoSaraLayer
 
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     mask = batch["attention_mask"].bool()  # (B, T)
@@ -98,7 +99,7 @@ def reference_gates(model, tokenizer, texts) -> dict[str, np.ndarray]:
 
 
 def test_recorded_gates_sum_to_one_and_match_the_router(routed_model):
-    from sara_cli.gates import collect_gates
+    from sara_cli.adapters.gates import collect_gates
 
     model, tokenizer = routed_model
     gates = collect_gates(model, tokenizer, TEXTS, batch_size=2)  # two batches, the first padded
@@ -116,8 +117,8 @@ def test_recorded_gates_sum_to_one_and_match_the_router(routed_model):
 
 
 def test_summary_has_one_row_per_layer_and_a_column_per_expert(routed_model):
-    from sara_cli.gates import collect_gates
-    from sara_cli.routing import summarize
+    from sara_cli.adapters.gates import collect_gates
+    from sara_cli.analysis.routing import summarize
 
     model, tokenizer = routed_model
     gates = collect_gates(model, tokenizer, TEXTS)
@@ -211,7 +212,7 @@ def test_route_map_writes_into_the_run_folder_by_default(mosara_run, tmp_path, m
 
 
 def test_an_out_that_is_a_file_fails_before_any_work(mosara_run, tmp_path, monkeypatch):
-    import sara_cli.routing as routing
+    import sara_cli.analysis.routing as routing
 
     target = tmp_path / "map.png"
     target.write_bytes(b"mine")
@@ -224,7 +225,7 @@ def test_many_modules_are_laid_out_in_a_grid(tmp_path):
     """All-linear Llama: seven panels in rows of at most four, not one 1845 px strip."""
     from PIL import Image
 
-    from sara_cli.routing import PANEL_COLUMNS, ModuleMap, RouteMap, plot
+    from sara_cli.analysis.routing import PANEL_COLUMNS, ModuleMap, RouteMap, plot
 
     result = RouteMap(model="m", tokens="prompt", experts=5)
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sara_cli.spectrum import (rank_for_tau, singular_values, top_singular,
+from sara_cli.model.spectrum import (rank_for_tau, singular_values, top_singular,
                                top_singular_lowrank)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sara_cli.errors import SaraError
-from sara_cli.tasks import (
+from sara_cli.evaluation.tasks import (
     TASKS,
     eval_prompt,
     extract_prediction,
@@ -280,7 +280,7 @@ def test_scoring_real_commonsense_data(tmp_path, folder):
 
 
 def test_score_accepts_the_response_field_that_sara_eval_writes(tmp_path):
-    from sara_cli.tasks import resolve_tasks, score_predictions
+    from sara_cli.evaluation.tasks import resolve_tasks, score_predictions
 
     path = tmp_path / "svamp.jsonl"
     rows = [{"instruction": "q", "response": "so 3 + 4 = 7", "prediction": 7.0, "answer": "7", "correct": True},

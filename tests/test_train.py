@@ -27,12 +27,14 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 import sara_cli
-from sara_cli import checkpoint, hub, loading, rundir
+from sara_cli.adapters import checkpoint
+from sara_cli.model import hub
+from sara_cli.training import rundir
 from sara_cli import recipe as recipe_module
-from sara_cli import train as train_module
-from sara_cli.cli import app
+from sara_cli.training import train as train_module
+from sara_cli.cli.app import app
 from sara_cli.errors import SaraError
-from sara_cli.inject import adapter_layers, is_adapter_parameter
+from sara_cli.adapters.inject import adapter_layers, is_adapter_parameter
 from sara_cli.recipe import load_recipe
 
 METHODS = ["sara", "mosara", "lora", "pissa", "sorsa"]
@@ -155,7 +157,7 @@ def test_dry_run_prints_recipe_ranks_and_parameters_and_trains_nothing(tmp_path,
 def test_the_rank_table_reads_at_80_columns_with_all_linear(tmp_path, llama_dir, data_file):
     from rich.console import Console
 
-    from sara_cli.cli_views import TrainReporter
+    from sara_cli.cli.views import TrainReporter
 
     recipe = load_recipe(write_recipe(tmp_path, llama_dir, data_file, "lora", adapter={"targets": "all-linear"}))
     model, _, layers, _ = train_module.build(recipe)
@@ -201,7 +203,7 @@ def test_short_run_writes_the_run_folder_and_the_adapter_round_trips(method, tmp
     assert config["sara_version"] == sara_cli.__version__
 
     # A fresh base plus the saved adapter gives the trained model's logits (fp32).
-    loaded, _, _ = loading.load_adapter_model(adapter_dir)
+    loaded, _, _ = checkpoint.load_adapter_model(adapter_dir)
     fresh, _, _, _ = train_module.build(load_recipe(recipe_path))  # same seed: the initial adapter
     ids = token_batch()
     with torch.no_grad():
@@ -223,7 +225,7 @@ def test_short_run_writes_the_run_folder_and_the_adapter_round_trips(method, tmp
 SLOW_STEPS = """\
 # Test helper: slows every optimizer step, so a run can be signalled part-way.
 import os, time
-import sara_cli.train as _train
+import sara_cli.training.train as _train
 _delay = float(os.environ["SARA_TEST_STEP_DELAY"])
 _train.SignalCallback.on_step_begin = lambda self, *args, **kwargs: time.sleep(_delay)
 """

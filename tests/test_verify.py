@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from conftest import _save, tiny_llama
-from sara_cli import checkpoint
-from sara_cli import merge as merge_module
-from sara_cli import verify
+from sara_cli.adapters import checkpoint
+from sara_cli.merging import merge as merge_module
+from sara_cli.merging import verify
 from sara_cli.errors import SaraError
-from sara_cli.inject import inject_adapters
+from sara_cli.adapters.inject import inject_adapters
 
 DEEP = dict(num_hidden_layers=24, hidden_size=256, intermediate_size=512, num_attention_heads=4,
             num_key_value_heads=2)
@@ -52,7 +52,7 @@ def test_a_loss_only_pass_keeps_no_logits_and_scores_like_numpy(llama_dir):
     """Calibration runs (256 records) keep only the loss: kept logits would be records x tokens x
     vocabulary floats. The loss is the token-weighted mean next-token cross-entropy, checked in
     float64 numpy on logits from a separate pass."""
-    from sara_cli.loading import load_tokenizer
+    from sara_cli.model.loading import load_tokenizer
 
     model, tokenizer = tiny_llama().eval(), load_tokenizer(llama_dir)
     texts = ["one two three four five six seven", "eight nine", "ten eleven twelve thirteen fourteen"]
@@ -99,7 +99,7 @@ def test_perturbation_moves_every_adapted_weight_by_exactly_one_ulp():
 def deep_adapter(tmp_path_factory):
     """A 24-layer, width-256 Llama and a LoRA adapter on q/v whose update is about 10% of W."""
     from sara_cli.recipe import validate
-    from sara_cli.train import build
+    from sara_cli.training.train import build
 
     root = tmp_path_factory.mktemp("deep")
     base = _save(tiny_llama(**DEEP), root / "base")

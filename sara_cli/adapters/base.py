@@ -100,7 +100,7 @@ class AdapterLayer(nn.Module):
         if not self.quantized:
             self.set_base_weight(W64 - principal)
             return
-        from sara_cli import quantize
+        from sara_cli.model import quantize
 
         norm = float(torch.linalg.matrix_norm(W64))
         before = quantize.relative_error(W64, self.base_layer, norm)
@@ -168,7 +168,7 @@ class AdapterLayer(nn.Module):
         layer's own loaded weight."""
         if source is not None:
             return source
-        from sara_cli.initialize import layer_source
+        from sara_cli.adapters.initialize import layer_source
 
         return layer_source(self)
 

@@ -19,7 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer, kaiming_uniform
-from sara_cli.spectrum import rank_for_tau
+from sara_cli.model.spectrum import rank_for_tau
 
 
 class SaraLayer(AdapterLayer):

@@ -6,7 +6,7 @@
   LLM-Adapters (dataset/mawps/trainset.json, commit 816657208af4), converted to instruction
   records: instruction = original_text, output = "<equation> = <ans>\\nThe answer is <ans>".
 - tiny-llama/: a byte-level BPE tokenizer (vocabulary 1024) trained on those records, and a
-  4-layer Llama config. The weights are random and built on first use (`sara_cli.builtin`).
+  4-layer Llama config. The weights are random and built on first use (`sara_cli.model.builtin`).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def build_tokenizer(records: list[dict]) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    from sara_cli.data import alpaca_prompt
-    from sara_cli.tasks import eval_prompt
+    from sara_cli.data.dataset import alpaca_prompt
+    from sara_cli.evaluation.tasks import eval_prompt
 
     # Train on the prompts as sara writes them, so the template's whitespace runs and markers
     # become single tokens and a prompt costs ~40 tokens, not ~130.
