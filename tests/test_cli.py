@@ -28,7 +28,7 @@ def test_version():
 
 def test_help_does_not_import_torch_or_transformers():
     code = ("import sys; sys.argv = ['sara', '--help']\n"
-            "from sara_cli.cli import main\n"
+            "from sara_cli.cli.app import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib', 'lm_eval') if m in sys.modules]\n"
             "print('HEAVY', heavy)")

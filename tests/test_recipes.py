@@ -420,7 +420,7 @@ def test_recipe_errors_come_before_any_heavy_import(tmp_path):
              [str(good), "adapter.targets=[q_proj"], [str(good), "adapter.tau=nan"],
              [str(good), "train.report_to=wandbb"]]
     code = ("import json, sys\n"
-            "from sara_cli.cli import main\n"
+            "from sara_cli.cli.app import main\n"
             "for args in json.loads(sys.argv[1]):\n"
             "    sys.argv = ['sara', 'train', *args]\n"
             "    try:\n        main()\n    except SystemExit as exc:\n        assert exc.code == 2, exc.code\n"
