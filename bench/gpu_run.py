@@ -49,7 +49,7 @@ class Outcome:
     seconds: float = 0.0
     command: str | None = None
     tail: list[str] = field(default_factory=list)
-    log: str | None = None
+    log: str | None = None  # relative to the output folder
     note: str = ""
     targets: list[dict] = field(default_factory=list)  # suite steps: the suite's targets
 
@@ -107,7 +107,7 @@ def run_step(step: Step, done: dict[str, Outcome], deadline: float, logs: Path, 
         outcome.note = f"budget: {max(left, 0):.0f} s left, the step needs at least {step.min_s:.0f} s"
         return outcome
     log = logs / f"{step.name}.log"
-    outcome.log = str(log)
+    outcome.log = f"{logs.name}/{log.name}"
     started = time.monotonic()
     if inline and step.argv[:2] == ["-m", "sara_cli"]:
         outcome.exit_code = run_inline(step.argv[2:], log)
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if step.group == "suite" and outcome.exit_code is not None:
             outcome.targets = suite_targets(plan.out / "suites" / f"{step.name.removeprefix('suite-')}.json")
         if step.name == "environment" and outcome.status == "ok":
-            environment = last_json_line(Path(outcome.log))
+            environment = last_json_line(logs / "environment.log")
+            print(f"    {outcome.tail[-1] if outcome.tail else ''}", flush=True)  # device, torch, CUDA
         outcomes[step.name] = outcome
         print(f"    {outcome.status}" + (f" (exit {outcome.exit_code})" if outcome.exit_code else "")
               + f", {outcome.seconds:.1f} s" + (f": {outcome.note}" if outcome.note else ""), flush=True)

@@ -47,6 +47,7 @@ def smoke(tmp_path_factory):
 @pytest.mark.e2e
 def test_smoke_runs_every_command_end_to_end(smoke):
     proc, results, out = smoke
+    assert results is not None, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     steps = {s["name"]: s for s in results["steps"]}
     assert list(steps) == ["setup", "environment", *E2E, "suite-eval"]
@@ -54,7 +55,7 @@ def test_smoke_runs_every_command_end_to_end(smoke):
         assert set(step) == STEP_KEYS
         assert step["status"] == "ok", (name, step["note"], step["tail"])
         if name != "setup":  # --smoke installs nothing
-            assert step["exit_code"] == 0 and Path(step["log"]).is_file(), name
+            assert step["exit_code"] == 0 and (out / step["log"]).is_file(), name
             # A random model's chat answer is mostly ids past the tokenizer's 1024, which decode to nothing.
             assert step["tail"] or name == "chat", name
     assert "--smoke" in steps["setup"]["note"]
