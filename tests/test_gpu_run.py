@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from sara_cli.recipe import load_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 try:
@@ -161,6 +163,11 @@ def test_gpu_plan_trains_in_bf16_with_checkpointing_and_slices_the_7b_shape(tmp_
         recipe = gpu_steps.recipe(plan, method)
         assert recipe["model"]["dtype"] == "bfloat16" and recipe["train"]["bf16"] is True
         assert recipe["train"]["gradient_checkpointing"] is True and 10 <= recipe["train"]["max_steps"] <= 20
+    gpu_steps.write_recipes(plan)  # every recipe the GPU call trains from passes sara's own checks
+    for path in sorted((tmp_path / "e2e" / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path, [])
+        assert recipe.model.dtype == "bfloat16" and recipe.train.bf16 is True, path.name
+    assert load_recipe(tmp_path / "e2e" / "recipes" / "sara-4bit.yaml", []).model.load_in_4bit is True
     steps = {s.name: s for s in gpu_steps.e2e_steps(plan)}
     assert steps["train-sara-4bit"].argv is None and "bitsandbytes" in steps["train-sara-4bit"].note
     assert "--device" in steps["analyze"].argv and steps["analyze"].argv[-3] == "cuda"
