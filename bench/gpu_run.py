@@ -86,7 +86,32 @@ def plan_steps(args: argparse.Namespace, plan: Plan) -> list[Step]:
     steps = gpu_steps.setup_steps(plan)
     if 1 in phases:
         steps += gpu_steps.e2e_steps(plan)
-    return steps + gpu_steps.suite_steps(plan, args.suites, phases)
+    return steps + gpu_steps.suite_steps(plan, args.suites, phases, read_state(plan.workdir)["left"])
+
+
+# -- what earlier calls left -----------------------------------------------------------------------
+
+STATE_NAME = "gpu-run-state.json"
+
+
+def read_state(workdir: Path) -> dict:
+    """{"left": suites an earlier call on this machine skipped for its budget}."""
+    try:
+        return {"left": list(json.loads((workdir / STATE_NAME).read_text())["left"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"left": []}
+
+
+def update_state(workdir: Path, outcome: Outcome) -> None:
+    """A suite skipped for the budget is left for the next call; one that started is not."""
+    state = read_state(workdir)
+    suite = outcome.name.removeprefix("suite-")
+    state["left"] = [name for name in state["left"] if name != suite]
+    if outcome.status == "skipped" and outcome.note.startswith("budget"):
+        state["left"].append(suite)
+    elif outcome.status == "skipped":
+        return
+    replace_text(workdir / STATE_NAME, json.dumps(state) + "\n")
 
 
 # -- running one step ------------------------------------------------------------------------------
@@ -206,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_step(step, outcomes, deadline, logs, inline=args.smoke)
         except Exception as exc:  # a fault of this script must not lose the other steps
             outcome = Outcome(step.name, step.phase, step.group, "failed", note=f"{type(exc).__name__}: {exc}")
-        if step.group == "suite" and outcome.exit_code is not None:
-            outcome.targets = suite_targets(plan.out / "suites" / f"{step.name.removeprefix('suite-')}.json")
+        if step.group == "suite":
+            update_state(plan.workdir, outcome)
+            if outcome.exit_code is not None:
+                outcome.targets = suite_targets(plan.out / "suites" / f"{step.name.removeprefix('suite-')}.json")
         if step.name == "environment" and outcome.status == "ok":
             environment = last_json_line(logs / "environment.log")
             print(f"    {outcome.tail[-1] if outcome.tail else ''}", flush=True)  # device, torch, CUDA

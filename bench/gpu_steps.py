@@ -155,14 +155,23 @@ def e2e_steps(plan: Plan) -> list[Step]:
     return steps
 
 
-def suite_steps(plan: Plan, names: list[str] | None, phases: set[int]) -> list[Step]:
-    """bench/run.py, one suite per process. `names` None: the suites of `phases`; else exactly
-    these, whatever their phase (a rerun)."""
-    steps = []
-    for name, phase, timeout_s in SUITES:
-        if (name in names) if names is not None else (phase in phases):
-            steps.append(Step(f"suite-{name}", phase, "suite", suite_argv(plan, name), timeout_s, min_s=45))
-    return steps
+def suite_steps(plan: Plan, names: list[str] | None, phases: set[int], left: list[str] = ()) -> list[Step]:
+    """bench/run.py, one suite per process.
+
+    Args:
+        names: exactly these suites, whatever their phase (a rerun); None: the suites of `phases`,
+            after the suites in `left`.
+        left: suites an earlier call on this machine skipped for its budget: the second call
+            does the rest of the first one too.
+    """
+    if names is not None:
+        chosen = [row for row in SUITES if row[0] in names]
+    else:
+        chosen = [row for row in SUITES if row[0] in left]
+        chosen += [row for row in SUITES if row[1] in phases and row[0] not in left]
+    return [Step(f"suite-{name}", phase, "suite", suite_argv(plan, name), timeout_s, min_s=45,
+                 note="left by an earlier call's budget" if name in left and names is None else "")
+            for name, phase, timeout_s in chosen]
 
 
 def suite_argv(plan: Plan, name: str) -> list[str]:

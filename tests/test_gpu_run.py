@@ -141,6 +141,21 @@ def test_a_call_past_its_budget_stops_and_writes_what_it_has(tmp_path):
     assert list(steps) == ["setup", "environment", "suite-eval"]  # phase 2: no end-to-end steps
     assert steps["suite-eval"]["status"] == "skipped" and steps["suite-eval"]["note"].startswith("budget")
     assert "| suite-eval | skipped |" in (out / "summary-phase-2.md").read_text()
+    assert gpu_run.read_state(tmp_path / "work") == {"left": ["eval"]}  # for the next call
+
+
+def test_the_second_call_also_runs_what_the_first_left_for_its_budget(tmp_path):
+    plan = gpu_steps.Plan(smoke=False, out=tmp_path, workdir=tmp_path, wheels=tmp_path, install=[],
+                          bitsandbytes=False)
+    names = [s.name for s in gpu_steps.suite_steps(plan, None, {2}, ["train"])]
+    assert names == ["suite-train", "suite-merge", "suite-eval", "suite-init", "suite-memory"]
+    assert gpu_steps.suite_steps(plan, None, {2}, ["train"])[0].note == "left by an earlier call's budget"
+    assert [s.name for s in gpu_steps.suite_steps(plan, ["eval"], {2}, ["train"])] == ["suite-eval"]
+    skipped = gpu_run.Outcome("suite-train", 1, "suite", "skipped", note="budget: 30 s left, ...")
+    gpu_run.update_state(tmp_path, skipped)
+    assert gpu_run.read_state(tmp_path) == {"left": ["train"]}
+    gpu_run.update_state(tmp_path, gpu_run.Outcome("suite-train", 1, "suite", "failed", exit_code=1))
+    assert gpu_run.read_state(tmp_path) == {"left": []}  # it ran: a rerun after a fix is named with --suites
 
 
 def test_setup_installs_only_the_wheels_this_machine_lacks(tmp_path):
