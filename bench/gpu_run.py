@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -206,29 +207,40 @@ def suite_targets(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    started, deadline = time.monotonic(), time.monotonic() + args.budget_s
-    workdir = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / ("sara-gpu-run-smoke" if args.smoke
-                                                                        else "sara-gpu-run")
-    logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     if args.smoke:
         os.environ["OMP_NUM_THREADS"] = "1"  # as bench/run.py --smoke; the child processes inherit it
-    plan = Plan(smoke=args.smoke, out=args.out.resolve(), workdir=workdir.resolve(), wheels=args.wheels,
-                install=gpu_steps.wheels_to_install(args.wheels) if args.wheels.is_dir() else [],
+    workdir = args.workdir or Path(tempfile.gettempdir()) / ("sara-gpu-run-smoke" if args.smoke else "sara-gpu-run")
+    wheels = args.wheels.resolve()
+    plan = Plan(smoke=args.smoke, out=args.out.resolve(), workdir=workdir.resolve(), wheels=wheels,
+                install=gpu_steps.wheels_to_install(wheels) if wheels.is_dir() else [],
                 bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+    (plan.out / "logs").mkdir(parents=True, exist_ok=True)
     gpu_steps.write_recipes(plan)
-    steps = plan_steps(args, plan)
     meta = {"command": "python bench/gpu_run.py " + " ".join(argv), "phase": args.phase, "smoke": args.smoke,
             "budget_s": args.budget_s, "workdir": str(plan.workdir),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
             "note": ("CPU smoke check: tiny model; nothing measured means anything" if args.smoke else
                      "GPU run")}
+    outcomes = run_call(plan_steps(args, plan), plan, args.phase, meta, started, started + args.budget_s)
+    print("\n" + (plan.out / f"summary-phase-{args.phase}.md").read_text())
+    bad = [o.name for o in outcomes if o.status in ("failed", "timeout")
+           or (o.status == "skipped" and o.note.startswith(("budget", "needs")))]
+    if bad:
+        print(f"error: step(s) not done: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def run_call(steps: list[Step], plan: Plan, phase: str, meta: dict, started: float,
+             deadline: float) -> list[Outcome]:
+    """Every step in order; the results are rewritten after each one."""
+    logs = plan.out / "logs"
     outcomes: dict[str, Outcome] = {}
     environment: dict = {}
     for step in steps:
         print(f"[{time.monotonic() - started:6.1f} s] {step.name} ...", flush=True)
         try:
-            outcome = run_step(step, outcomes, deadline, logs, inline=args.smoke)
+            outcome = run_step(step, outcomes, deadline, logs, inline=plan.smoke)
         except Exception as exc:  # a fault of this script must not lose the other steps
             outcome = Outcome(step.name, step.phase, step.group, "failed", note=f"{type(exc).__name__}: {exc}")
         if step.group == "suite":
@@ -237,21 +249,22 @@ def main(argv: list[str] | None = None) -> int:
                 outcome.targets = suite_targets(plan.out / "suites" / f"{step.name.removeprefix('suite-')}.json")
         if step.name == "environment" and outcome.status == "ok":
             environment = last_json_line(logs / "environment.log")
-            print(f"    {outcome.tail[-1] if outcome.tail else ''}", flush=True)  # device, torch, CUDA
         outcomes[step.name] = outcome
-        print(f"    {outcome.status}" + (f" (exit {outcome.exit_code})" if outcome.exit_code else "")
-              + f", {outcome.seconds:.1f} s" + (f": {outcome.note}" if outcome.note else ""), flush=True)
-        if outcome.status in ("failed", "timeout"):
-            print("    " + "\n    ".join(outcome.tail[-8:]), flush=True)
+        print_outcome(outcome)
         meta["elapsed_s"] = round(time.monotonic() - started, 1)
-        write_results(args.out, args.phase, meta, environment, list(outcomes.values()))
-    summary = args.out / f"summary-phase-{args.phase}.md"
-    print("\n" + summary.read_text())
-    bad = [o.name for o in outcomes.values() if o.status in ("failed", "timeout")
-           or (o.status == "skipped" and o.note.startswith(("budget", "needs")))]
-    if bad:
-        print(f"error: step(s) not done: {', '.join(bad)}", file=sys.stderr)
-    return 1 if bad else 0
+        write_results(plan.out, phase, meta, environment, list(outcomes.values()))
+    return list(outcomes.values())
+
+
+def print_outcome(outcome: Outcome) -> None:
+    """One line per step; the last lines of a failure; the device line of the environment step."""
+    if outcome.name == "environment" and outcome.tail:
+        print(f"    {outcome.tail[-1]}")  # device, torch, CUDA, transformers
+    print(f"    {outcome.status}" + (f" (exit {outcome.exit_code})" if outcome.exit_code else "")
+          + f", {outcome.seconds:.1f} s" + (f": {outcome.note}" if outcome.note else ""))
+    if outcome.status in ("failed", "timeout"):
+        print("    " + "\n    ".join(outcome.tail[-8:]))
+    sys.stdout.flush()
 
 
 def last_json_line(log: Path) -> dict:
