@@ -3,6 +3,7 @@
     python bench/gpu_run.py --phase 1 --budget-s 400 --out $OUT/gpu   # setup, end to end, analyze + train
     python bench/gpu_run.py --phase 2 --budget-s 180 --out $OUT/gpu   # merge, eval, init, memory suites
     python bench/gpu_run.py --smoke --suites eval --out /tmp/gpu-smoke # the same on a tiny CPU model (CI)
+    python bench/gpu_run.py --phase 1 --list --out /tmp/x              # the steps and commands, run nothing
 
 The steps are the table in bench/gpu_steps.py. Each runs as its own process with a time limit; its
 exit code, time and last lines go into OUT/results-phase-P.json and OUT/summary-phase-P.md (its
@@ -18,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -70,6 +72,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "call whatever their phase, or 'none' (default: the phase's own)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, no setup: checks that "
                         "the script runs (CI); nothing it measures means anything")
+    parser.add_argument("--list", action="store_true", help="print the steps this call would run, with their "
+                        "commands and limits, and exit (runs nothing; needs no GPU)")
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
@@ -123,7 +127,7 @@ def run_step(step: Step, done: dict[str, Outcome], deadline: float, logs: Path, 
     if step.argv is None:
         outcome.status = "ok" if step.group == "setup" else "skipped"
         return outcome
-    outcome.command = "python " + " ".join(step.argv)
+    outcome.command = "python " + shlex.join(step.argv)
     failed = [n for n in step.needs if n not in done or done[n].status != "ok"]
     if failed:
         outcome.note = f"needs {', '.join(failed)}, which did not succeed"
@@ -215,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(smoke=args.smoke, out=args.out.resolve(), workdir=workdir.resolve(), wheels=wheels,
                 install=gpu_steps.wheels_to_install(wheels) if wheels.is_dir() else [],
                 bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+    if args.list:
+        for step in plan_steps(args, plan):
+            command = "python " + shlex.join(step.argv) if step.argv else f"(nothing to run: {step.note})"
+            print(f"phase {step.phase}  {step.name:<18} limit {step.timeout_s:4.0f} s  {command}")
+        return 0
     (plan.out / "logs").mkdir(parents=True, exist_ok=True)
     gpu_steps.write_recipes(plan)
     meta = {"command": "python bench/gpu_run.py " + " ".join(argv), "phase": args.phase, "smoke": args.smoke,

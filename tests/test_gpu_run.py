@@ -193,3 +193,15 @@ def test_gpu_plan_trains_in_bf16_with_checkpointing_and_slices_the_7b_shape(tmp_
     argv = suites[0].argv
     assert argv[argv.index("--layers") + 1] == str(gpu_steps.SLICE_LAYERS) and 4 <= gpu_steps.SLICE_LAYERS <= 8
     assert [s.name for s in gpu_steps.suite_steps(plan, ["merge"], {1})] == ["suite-merge"]
+
+
+def test_list_prints_the_gpu_commands_and_runs_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "bench/gpu_run.py", "--phase", "1", "--list", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[2] for line in lines] == ["setup", "environment", *E2E, "suite-analyze", "suite-train"]
+    assert "--device cuda" in next(line for line in lines if " analyze " in line and "sara_cli" in line)
+    assert "--layers 8" in next(line for line in lines if "suite-analyze" in line)
+    assert not out.exists() and not (tmp_path / "work").exists()
