@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 # The repository root replaces bench/ at the head of the path: `bench` and `sara_cli` import from
@@ -50,6 +51,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slow", action="store_true", help="also time naive SVD and PEFT full-SVD PiSSA on "
                         "all-linear (several minutes each)")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT baselines")
+    parser.add_argument("--layers", type=int, default=None, help="a slice of the 7B-shaped model: its real "
+                        "layer shapes, this many of the 32 layers (the ratios against PEFT are per layer)")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="eval suite: the first N gsm8k prompts "
+                        "(default 64)")
+    parser.add_argument("--eval-max-new-tokens", type=int, default=None, help="eval suite: new tokens per "
+                        "prompt (default: the task's 256)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the saved checkpoint, adapters and "
                         "logs go (default: $TMPDIR/sara-bench, a fresh temporary folder with --smoke)")
     args = parser.parse_args(argv)
@@ -57,6 +64,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    for flag, value in (("--layers", args.layers), ("--eval-prompts", args.eval_prompts),
+                        ("--eval-max-new-tokens", args.eval_max_new_tokens)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.layers is not None and args.smoke:
+        parser.error("--layers slices the 7B-shaped GPU model; --smoke uses its own tiny model")
     return args
 
 
@@ -111,6 +124,18 @@ def run_all(args: argparse.Namespace, argv: list[str], settings) -> int:
     return 1 if failed or broken or any(imported.values()) else 0
 
 
+def sized(settings, args: argparse.Namespace):
+    """Settings with the model slice and the eval sizes the command line asked for."""
+    changes = {}
+    if args.layers is not None:
+        changes["model"] = replace(settings.model, num_hidden_layers=args.layers)
+    if args.eval_prompts is not None:
+        changes["eval_prompts"] = args.eval_prompts
+    if args.eval_max_new_tokens is not None:
+        changes["eval_max_new_tokens"] = args.eval_max_new_tokens
+    return replace(settings, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -132,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     use_peft = not args.no_peft
     settings = (smoke_settings(workdir, args.repeats or 1, use_peft) if args.smoke else
                 full_settings(workdir, args.repeats or 3, args.budget_s, args.slow, use_peft))
+    settings = sized(settings, args)
     try:
         return run_all(args, argv, settings)
     finally:
