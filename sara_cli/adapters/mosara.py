@@ -15,6 +15,9 @@ y = x W^T + b + (((dropout(x) * v) V_k) * lbar) U_k^T, with the router still rea
 Lam starts at ones plus uniform noise in [-0.1, 0.1) so the experts differ and the router has a
 gradient; v = 0 keeps the model unchanged at init. W_g1 and W_g2 start as nn.Linear(k, 1) and
 nn.Linear(1, m) weights would (Kaiming uniform with fan-ins k and 1; no biases).
+
+U_k and V_k are frozen and follow from W, so a compact adapter file (`storage: compact`) leaves
+them out and they are rebuilt on load (`frozen.py`: canonical signs, the probe and the checks).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sara_cli.adapters import frozen
 from sara_cli.adapters.base import ADAPTER_DTYPE, AdapterLayer, kaiming_uniform
 
 
@@ -37,17 +41,30 @@ class MoSaraLayer(AdapterLayer):
         if v_position not in ("after", "before"):
             raise ValueError(f"v_position must be after or before, got {v_position!r}")
         device = base_layer.weight.device
+        # rebuildable: a compact file may leave U_k, V_k out (False after loading them from a file
+        # that holds them, or when the spectrum makes the vectors ill-defined: frozen.stable)
+        self.rebuildable = initialize
         if initialize:
-            top = self.weight_source(source).top(k=rank, tau=tau if rank is None else None)
-            U, Vh = top.U.to(device, ADAPTER_DTYPE), top.Vh.to(device, ADAPTER_DTYPE)
+            source = self.weight_source(source)
+            top = source.top(k=rank, tau=tau if rank is None else None)
+            factors = frozen.canonical(top.U, top.Vh)
+            self.rebuildable = frozen.stable(top.spectrum, factors)
+            U, Vh = (t.to(device, ADAPTER_DTYPE) for t in factors)
+            fingerprint = frozen.fingerprint(source.weight())
         else:
             U = torch.zeros(self.out_features, rank, dtype=ADAPTER_DTYPE, device=device)
             Vh = torch.zeros(rank, self.in_features, dtype=ADAPTER_DTYPE, device=device)
+            fingerprint = torch.zeros(frozen.PROBE_SIZE, frozen.PROBE_SIZE, dtype=torch.float64)
         self.k = k = U.shape[1]
         self.num_experts = m = num_experts
         self.v_position = v_position
         self.register_buffer("mosara_U", U.contiguous())  # (out, k), frozen
         self.register_buffer("mosara_Vh", Vh.contiguous())  # (k, in), frozen: V_k^T
+        # What a compact file keeps of them: W's fingerprint (P, P) and U_k, V_k's probe (k, P) each
+        probe_U, probe_Vh = frozen.probe(U, Vh)
+        self.register_buffer("mosara_fingerprint", fingerprint.to(device))
+        self.register_buffer("mosara_probe_U", probe_U.to(device))
+        self.register_buffer("mosara_probe_Vh", probe_Vh.to(device))
         noise = torch.rand(m, k, dtype=ADAPTER_DTYPE, device=device) * 0.2 - 0.1
         self.mosara_lambda = nn.Parameter(1.0 + noise)  # (m, k)
         v_size = self.out_features if v_position == "after" else self.in_features
@@ -97,3 +114,23 @@ class MoSaraLayer(AdapterLayer):
 
     def rank(self) -> int:
         return self.k
+
+    def restore_frozen(self, name: str, source, saved: set[str]) -> None:
+        if "mosara_U" in saved:
+            self.rebuildable = False  # a full file, or a module the compact file kept
+        elif not self.base_layer.weight.is_meta:  # on meta, rank 0's tensors arrive later
+            self.rebuild(name, self.weight_source(source))
+
+    @torch.no_grad()
+    def rebuild(self, name: str, source) -> None:
+        """Rebuild U_k, V_k from W (a compact file left them out) and check them against the
+        loaded fingerprint and probe.
+
+        Raises:
+            SaraError: W or the rebuilt vectors differ from those the adapter was trained with.
+        """
+        U, Vh = frozen.rebuild(name, source, self.k, self.mosara_fingerprint, self.mosara_probe_U,
+                               self.mosara_probe_Vh)
+        self.mosara_U.copy_(U.to(self.mosara_U.device, ADAPTER_DTYPE))
+        self.mosara_Vh.copy_(Vh.to(self.mosara_Vh.device, ADAPTER_DTYPE))
+        self.rebuildable = True
