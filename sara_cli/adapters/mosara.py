@@ -75,6 +75,7 @@ class MoSaraLayer(AdapterLayer):
         self.mosara_router_out = nn.Parameter(kaiming_uniform((1, m), device, fan_in=1))  # W_g2 (1, m)
         self.record_gates = False
         self.recorded_gates: list[torch.Tensor] = []
+        self._inference: tuple | None = None  # (key, tensors) of the inference path, see below
 
     def gates(self, z: torch.Tensor) -> torch.Tensor:
         """Routing weights g (..., m) for projected input z (..., k); rows sum to 1."""
@@ -92,6 +93,41 @@ class MoSaraLayer(AdapterLayer):
             return F.linear(z * lbar, self.mosara_U) * self.mosara_v  # (..., out)
         zv = F.linear(h * self.mosara_v, self.mosara_Vh)  # (..., k)
         return F.linear(zv * lbar, self.mosara_U)
+
+    # -- inference without autograd: the same function in fewer operations ------------------------
+
+    fast_inference = True  # class-wide switch: bench/routed_inference.py times both paths
+
+    def _inference_tensors(self) -> tuple:
+        """Tensors folded from the frozen and trained ones, rebuilt when any of them changed.
+
+        P (k + m, in) = [V_k^T ; (V_k W_g1 W_g2)^T]: one product gives z and the router logits
+        (logits = z W_g1 W_g2 = x (V_k W_g1 W_g2)). U_v (out, k) = diag(v) U_k: v folded in.
+        A change is seen through the tensors' version counters (every in-place write, an
+        optimizer step or a load, bumps them) and identities (a tensor replaced outright).
+        """
+        sources = (self._buffers["mosara_Vh"], self._buffers["mosara_U"], self._parameters["mosara_v"],
+                   self._parameters["mosara_lambda"], self._parameters["mosara_router_in"],
+                   self._parameters["mosara_router_out"])
+        key = tuple(t._version for t in sources)
+        cached = self._inference
+        if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], sources)):
+            Vh, U, v, Lam, router_in, router_out = sources
+            P = torch.cat([Vh, (router_in @ router_out).T @ Vh], dim=0)  # (k + m, in)
+            self._inference = cached = (key, sources, (P.contiguous(), (v[:, None] * U).contiguous(),
+                                                       Lam.detach()))
+        return cached[2]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Inference (eval mode, no autograd, no gate recording, v after, float32 input) takes
+        the folded path, fewer operations for the same function; everything else the contract's."""
+        if (args or kwargs or not self.fast_inference or self.training or torch.is_grad_enabled()
+                or self.record_gates or self.merged or self.v_position != "after" or x.dtype != ADAPTER_DTYPE):
+            return super().forward(x, *args, **kwargs)
+        P, U_v, Lam = self._inference_tensors()
+        z, logits = F.linear(x, P).split([self.k, self.num_experts], dim=-1)  # (..., k), (..., m)
+        lbar = torch.softmax(logits, dim=-1) @ Lam  # (..., k)
+        return self.base_layer(x) + F.linear(z * lbar, U_v)  # (..., out)
 
     def static_delta_weight(self, mean_gate: torch.Tensor) -> torch.Tensor:
         """delta W for fixed gates gbar (m,): diag(v) U_k diag(gbar Lam) V_k^T, (out, in) float32.
