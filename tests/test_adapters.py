@@ -424,3 +424,18 @@ def test_mosara_inference_path_is_not_taken_when_training_or_recording():
     with torch.no_grad():
         layer(x)
     assert layer._inference is None and len(layer.recorded_gates) == 1
+
+
+def test_mosara_inference_path_on_a_bfloat16_base_matches_the_training_path():
+    base = linear(8, 7).to(torch.bfloat16)
+    layer = MoSaraLayer(base, tau=0.5, num_experts=3).eval()
+    with torch.no_grad():
+        layer.mosara_v.normal_()
+    x = torch.randn(2, 5, 7, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fast = layer(x)
+        layer.fast_inference = False
+        reference = layer(x)
+    assert fast.dtype == torch.bfloat16 and layer._inference is not None
+    # both add an fp32 branch cast once to bf16: they differ by at most a bf16 rounding step
+    torch.testing.assert_close(fast, reference, rtol=1e-2, atol=1e-2)

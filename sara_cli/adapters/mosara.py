@@ -119,15 +119,17 @@ class MoSaraLayer(AdapterLayer):
         return cached[2]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Inference (eval mode, no autograd, no gate recording, v after, float32 input) takes
-        the folded path, fewer operations for the same function; everything else the contract's."""
+        """Inference (eval mode, no autograd, no gate recording, v after) takes the folded path,
+        fewer operations for the same function; everything else the contract's."""
         if (args or kwargs or not self.fast_inference or self.training or torch.is_grad_enabled()
-                or self.record_gates or self.merged or self.v_position != "after" or x.dtype != ADAPTER_DTYPE):
+                or self.record_gates or self.merged or self.v_position != "after"):
             return super().forward(x, *args, **kwargs)
         P, U_v, Lam = self._inference_tensors()
-        z, logits = F.linear(x, P).split([self.k, self.num_experts], dim=-1)  # (..., k), (..., m)
+        result = self.base_layer(x)  # (..., out)
+        h = x.to(ADAPTER_DTYPE)  # as adapter_input, dropout being off in eval mode
+        z, logits = F.linear(h, P).split([self.k, self.num_experts], dim=-1)  # (..., k), (..., m)
         lbar = torch.softmax(logits, dim=-1) @ Lam  # (..., k)
-        return self.base_layer(x) + F.linear(z * lbar, U_v)  # (..., out)
+        return result + F.linear(z * lbar, U_v).to(result.dtype)  # (..., out)
 
     def static_delta_weight(self, mean_gate: torch.Tensor) -> torch.Tensor:
         """delta W for fixed gates gbar (m,): diag(v) U_k diag(gbar Lam) V_k^T, (out, in) float32.
