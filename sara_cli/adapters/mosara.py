@@ -75,7 +75,7 @@ class MoSaraLayer(AdapterLayer):
         self.mosara_router_out = nn.Parameter(kaiming_uniform((1, m), device, fan_in=1))  # W_g2 (1, m)
         self.record_gates = False
         self.recorded_gates: list[torch.Tensor] = []
-        self._inference: tuple | None = None  # (key, tensors) of the inference path, see below
+        self._inference: tuple | None = None  # (key, W_g1 W_g2) for the inference path, see below
 
     def gates(self, z: torch.Tensor) -> torch.Tensor:
         """Routing weights g (..., m) for projected input z (..., k); rows sum to 1."""
@@ -98,38 +98,32 @@ class MoSaraLayer(AdapterLayer):
 
     fast_inference = True  # class-wide switch: bench/routed_inference.py times both paths
 
-    def _inference_tensors(self) -> tuple:
-        """Tensors folded from the frozen and trained ones, rebuilt when any of them changed.
+    def _router(self) -> torch.Tensor:
+        """W_g1 W_g2 (k, m), multiplied out once and rebuilt when either factor changes.
 
-        P (k + m, in) = [V_k^T ; (V_k W_g1 W_g2)^T]: one product gives z and the router logits
-        (logits = z W_g1 W_g2 = x (V_k W_g1 W_g2)). U_v (out, k) = diag(v) U_k: v folded in.
         A change is seen through the tensors' version counters (every in-place write, an
         optimizer step or a load, bumps them) and identities (a tensor replaced outright).
         """
-        sources = (self._buffers["mosara_Vh"], self._buffers["mosara_U"], self._parameters["mosara_v"],
-                   self._parameters["mosara_lambda"], self._parameters["mosara_router_in"],
-                   self._parameters["mosara_router_out"])
-        key = tuple(t._version for t in sources)
+        router_in, router_out = self._parameters["mosara_router_in"], self._parameters["mosara_router_out"]
+        key = (router_in, router_in._version, router_out, router_out._version)
         cached = self._inference
-        if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], sources)):
-            Vh, U, v, Lam, router_in, router_out = sources
-            P = torch.cat([Vh, (router_in @ router_out).T @ Vh], dim=0)  # (k + m, in)
-            self._inference = cached = (key, sources, (P.contiguous(), (v[:, None] * U).contiguous(),
-                                                       Lam.detach()))
-        return cached[2]
+        if cached is None or any(a is not b if isinstance(a, torch.Tensor) else a != b
+                                 for a, b in zip(cached[0], key)):
+            self._inference = cached = (key, (router_in @ router_out).detach())
+        return cached[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Inference (eval mode, no autograd, no gate recording, v after) takes the folded path,
-        fewer operations for the same function; everything else the contract's."""
+        """Inference (eval mode, no autograd, no gate recording, v after) takes a shorter path to
+        the same function: no dropout or gate bookkeeping, and the router's two one-dimensional
+        layers as one (k, m) product of the z the branch computes. Everything else: the contract's."""
         if (args or kwargs or not self.fast_inference or self.training or torch.is_grad_enabled()
                 or self.record_gates or self.merged or self.v_position != "after"):
             return super().forward(x, *args, **kwargs)
-        P, U_v, Lam = self._inference_tensors()
         result = self.base_layer(x)  # (..., out)
-        h = x.to(ADAPTER_DTYPE)  # as adapter_input, dropout being off in eval mode
-        z, logits = F.linear(h, P).split([self.k, self.num_experts], dim=-1)  # (..., k), (..., m)
-        lbar = torch.softmax(logits, dim=-1) @ Lam  # (..., k)
-        return result + F.linear(z * lbar, U_v).to(result.dtype)  # (..., out)
+        z = F.linear(x.to(ADAPTER_DTYPE), self._buffers["mosara_Vh"])  # (..., k)
+        lbar = torch.softmax(z @ self._router(), dim=-1) @ self._parameters["mosara_lambda"]  # (..., k)
+        branch = F.linear(z * lbar, self._buffers["mosara_U"]) * self._parameters["mosara_v"]  # (..., out)
+        return result + branch.to(result.dtype)
 
     def static_delta_weight(self, mean_gate: torch.Tensor) -> torch.Tensor:
         """delta W for fixed gates gbar (m,): diag(v) U_k diag(gbar Lam) V_k^T, (out, in) float32.
