@@ -3,6 +3,7 @@ largest logit difference (docs/methods.md, "Compact adapter files").
 
     python bench/compact_files.py --out compact.json
     python bench/compact_files.py --base /path/to/checkpoint --tau 0.5 --experts 5
+    python bench/compact_files.py --run runs/quickstart      # a trained compact run, saved again full
 
 One Mo-SARA adapter (the quickstart's settings: q/v, tau 0.5, m 5) is built on the base from its
 files, its v and lambda are drawn at random (seeded) so the branch matters, and it is saved once
@@ -10,6 +11,8 @@ full and once compact. Each file is then loaded as `sara eval`/`chat` load a run
 (`load_adapter_model`): the full file once, the compact one with an empty spectrum cache (cold)
 and again (warm). The logits of both loads on a few prompts are compared. The sizes of a
 LLaMA-7B-shaped q/v adapter are computed from the layout for several k (no weights needed).
+With --run, the adapter is a trained run's compact file instead, and its full twin is that run
+loaded (its vectors rebuilt) and saved again with `storage: full`.
 """
 
 from __future__ import annotations
@@ -86,6 +89,31 @@ def build(model_dir: Path, folder: Path, tau: float, experts: int) -> dict:
             "modules": len(ks), "modules_stored_full": len(stored), "init_cold_s": init_s}
 
 
+def from_run(run: Path, folder: Path) -> dict:
+    """A trained compact run's adapter copied to folder/compact, and saved again full in folder/full."""
+    import shutil
+
+    from sara_cli.adapters import checkpoint
+    from sara_cli.model import hub
+
+    adapter = checkpoint.find_adapter_dir(run)
+    config = checkpoint.read_config(adapter)
+    if checkpoint.storage(config["options"]) != "compact":
+        raise SystemExit(f"{run} is not a compact Mo-SARA run")
+    # Name the base by its folder, so that loads under another SARA_HOME (a cold cache) find it.
+    config["base_model"]["name_or_path"] = str(hub.resolve_model_dir(config["base_model"]["name_or_path"]))
+    shutil.copytree(adapter, folder / "compact")
+    (folder / "compact" / checkpoint.CONFIG_NAME).write_text(json.dumps(config))
+    model, _, _ = checkpoint.load_adapter_model(folder / "compact", device="cpu")
+    meta = {k: v for k, v in config.items() if k not in ("ranks", "sara_version", "storage", "stored_factors")}
+    checkpoint.save_adapter(model, folder / "full", {**meta, "options": {**config["options"], "storage": "full"}})
+    ks = list(config["ranks"].values())
+    return {"run": str(run), "bytes": {s: (folder / s / checkpoint.WEIGHTS_NAME).stat().st_size
+                                       for s in ("full", "compact")},
+            "k_min": min(ks), "k_median": sorted(ks)[len(ks) // 2], "k_max": max(ks), "modules": len(ks),
+            "modules_stored_full": len(config["stored_factors"])}
+
+
 def load(adapter: Path):
     """(seconds, logits of PROMPTS) for one `load_adapter_model` call."""
     import torch
@@ -105,6 +133,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--base", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--tau", type=float, default=0.5)
     parser.add_argument("--experts", type=int, default=5)
+    parser.add_argument("--run", type=Path, default=None, help="A trained compact Mo-SARA run instead of --base.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
@@ -114,14 +143,18 @@ def main(argv=None) -> dict:
     from sara_cli.model import hub
 
     torch.set_num_threads(args.threads)
-    model_dir = hub.resolve_model_dir(args.base)  # a built-in is materialised in the usual cache
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["SARA_HOME"] = str(Path(tmp) / "home")  # an empty spectrum cache: cold
-        result = {"base": args.base, "tau": args.tau, "experts": args.experts,
-                  **build(model_dir, Path(tmp), args.tau, args.experts)}
+        if args.run:
+            result = from_run(args.run, Path(tmp))  # in the usual cache (the run's base is there)
+            os.environ["SARA_HOME"] = str(Path(tmp) / "home")  # an empty spectrum cache: cold
+        else:
+            model_dir = hub.resolve_model_dir(args.base)  # a built-in is materialised in the usual cache
+            os.environ["SARA_HOME"] = str(Path(tmp) / "home")
+            result = {"base": args.base, "tau": args.tau, "experts": args.experts,
+                      **build(model_dir, Path(tmp), args.tau, args.experts)}
         import shutil
 
-        shutil.rmtree(Path(tmp) / "home")  # the init above filled it
+        shutil.rmtree(Path(tmp) / "home", ignore_errors=True)  # init filled it: cold again
         result["load_full_s"], full = load(Path(tmp) / "full")
         result["load_compact_cold_s"], cold = load(Path(tmp) / "compact")
         result["load_compact_warm_s"], warm = load(Path(tmp) / "compact")

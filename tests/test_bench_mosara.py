@@ -38,3 +38,11 @@ def test_routed_inference_bench(llama_dir):
     from sara_cli.adapters.mosara import MoSaraLayer
 
     assert MoSaraLayer.fast_inference  # the class-wide switch is restored
+
+
+def test_compact_files_bench_on_a_trained_run(trained_mosara_run, tmp_path):
+    from bench import compact_files
+
+    result = compact_files.main(["--run", str(trained_mosara_run)])
+    assert result["bytes"]["compact"] < result["bytes"]["full"]
+    assert result["max_abs_logit_diff"] <= 1e-5
