@@ -11,8 +11,8 @@ with v and lambda drawn at random so the branch is not zero. Each round times gr
 of the same prompts (one batch) for every variant, in turn:
 - base:       the adapter layers swapped out for their base layers (the very same weights);
 - reference:  the routed adapter through its training code path (`fast_inference` off);
-- fast:       the routed adapter through its inference path (`MoSaraLayer.forward`: the router
-              folded into the k-vector product, v folded into U_k).
+- fast:       the routed adapter through its inference path (`MoSaraLayer.forward` in eval mode
+              without autograd: no dropout or gate bookkeeping, the router multiplied out once).
 Per variant and round, the time per generated token is (t(N new tokens) - t(1 new token)) / (N - 1),
 so the prompt's forward pass drops out. Medians over the rounds; ratios against the base. On the
 CPU the process's CPU time is recorded beside the wall clock: on a shared machine it is the figure
