@@ -382,3 +382,60 @@ def test_lora_scaling_and_init():
     assert torch.count_nonzero(layer.lora_B) == 0
     bound = 1 / math.sqrt(5)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 5
     assert float(layer.lora_A.detach().abs().max()) <= bound
+
+
+def mosara_numpy(layer, x: torch.Tensor) -> np.ndarray:
+    """The routed Mo-SARA layer (v after) in float64 numpy, from its parameters."""
+    t = {name: p.detach().double().numpy() for name, p in layer.named_parameters()} | {
+        name: b.double().numpy() for name, b in layer.named_buffers()}
+    xn = x.double().numpy()
+    z = xn @ t["mosara_Vh"].T  # (..., k)
+    logits = (z @ t["mosara_router_in"]) @ t["mosara_router_out"]
+    g = np.exp(logits - logits.max(-1, keepdims=True))
+    g /= g.sum(-1, keepdims=True)
+    return xn @ t["base_layer.weight"].T + t["base_layer.bias"] + ((z * (g @ t["mosara_lambda"])) @ t["mosara_U"].T) * t["mosara_v"]
+
+
+def test_mosara_inference_path_matches_numpy_and_follows_edits():
+    layer = MoSaraLayer(linear(8, 7), tau=0.5, num_experts=3).eval()
+    with torch.no_grad():
+        layer.mosara_v.normal_()
+    x = torch.randn(2, 5, 7)
+    with torch.inference_mode():
+        np.testing.assert_allclose(layer(x).double().numpy(), mosara_numpy(layer, x), atol=1e-5)
+    assert layer._inference is not None  # the folded path ran
+    with torch.no_grad():  # an in-place edit, then a replaced parameter: both are seen
+        layer.mosara_lambda.mul_(-2.0)
+        layer.mosara_router_out.add_(3.0)
+    with torch.inference_mode():
+        np.testing.assert_allclose(layer(x).double().numpy(), mosara_numpy(layer, x), atol=1e-5)
+    layer.mosara_v = nn.Parameter(torch.randn(8))
+    with torch.inference_mode():
+        np.testing.assert_allclose(layer(x).double().numpy(), mosara_numpy(layer, x), atol=1e-5)
+
+
+def test_mosara_inference_path_is_not_taken_when_training_or_recording():
+    layer = MoSaraLayer(linear(8, 7), tau=0.5, num_experts=3)
+    x = torch.randn(4, 7)
+    layer(x).sum().backward()  # training mode with autograd
+    assert layer._inference is None and layer.mosara_v.grad is not None
+    layer.eval()
+    layer.record_gates = True
+    with torch.no_grad():
+        layer(x)
+    assert layer._inference is None and len(layer.recorded_gates) == 1
+
+
+def test_mosara_inference_path_on_a_bfloat16_base_matches_the_training_path():
+    base = linear(8, 7).to(torch.bfloat16)
+    layer = MoSaraLayer(base, tau=0.5, num_experts=3).eval()
+    with torch.no_grad():
+        layer.mosara_v.normal_()
+    x = torch.randn(2, 5, 7, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fast = layer(x)
+        layer.fast_inference = False
+        reference = layer(x)
+    assert fast.dtype == torch.bfloat16 and layer._inference is not None
+    # both add an fp32 branch cast once to bf16: they differ by at most a bf16 rounding step
+    torch.testing.assert_close(fast, reference, rtol=1e-2, atol=1e-2)

@@ -432,6 +432,7 @@ def static_gate_logits(run: Path, data_file: Path, work: Path, base: Path) -> np
     for name, layer in model.named_modules():
         if isinstance(layer, MoSaraLayer):
             layer.gates = lambda z, g=mean[name]: g.expand(*z.shape[:-1], g.shape[0])
+            layer.fast_inference = False  # the inference path folds the router in: it would bypass gates()
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(np.load(token_ids(base, work)))).logits.numpy()
 

@@ -172,6 +172,15 @@ class AdapterLayer(nn.Module):
 
         return layer_source(self)
 
+    def restore_frozen(self, name: str, source, saved: set[str]) -> None:
+        """Hook run after loading a state: rebuild frozen tensors the file left out.
+
+        Args:
+            name: the module, for error messages.
+            source: an initialize.MatrixSource over W from the checkpoint files, or None.
+            saved: the names of this layer's tensors the file held.
+        """
+
     def after_load(self, original_weight: torch.Tensor | None = None) -> None:
         """Hook run after `adapter_state` was loaded onto a freshly wrapped base."""
 

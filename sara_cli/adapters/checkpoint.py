@@ -3,6 +3,11 @@
 The adapter folder holds everything needed to rebuild the trained model from the original base:
 the trainable tensors, the frozen Mo-SARA singular vectors and the initial PiSSA/SORSA factors,
 keyed `<module path>.<tensor name>` (e.g. `model.layers.0.self_attn.q_proj.sara_U`).
+
+Mo-SARA with `storage: compact` (its recipe default; `storage` in sara_config.json) leaves out
+U_k and V_k, which the base determines, and keeps a fingerprint and a probe of them instead
+(`frozen.py`); loading decomposes W again and checks both. A module whose vectors are
+ill-defined keeps them (`stored_factors` in the config names those modules).
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from sara_cli.files import atomic_path, read_json, write_json
 CONFIG_NAME = "sara_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 RECIPE_NAME = "recipe.yaml"
+FROZEN = ("mosara_U", "mosara_Vh")  # what a compact file leaves out
+
+
+def storage(options: dict) -> str:
+    """'compact' or 'full' for an adapter's options (files written before compact existed: full)."""
+    return (options or {}).get("storage") or "full"
 
 
 def adapter_tensors(model) -> dict:
@@ -48,8 +59,14 @@ def save_adapter(model, folder: Path, meta: dict, tensors: dict | None = None) -
     layers = adapter_layers(model)
     config = {**meta, "sara_version": __version__,
               "ranks": {name: layer.rank() for name, layer in layers.items()}}
+    tensors = tensors if tensors is not None else adapter_tensors(model)
+    if storage(meta.get("options")) == "compact":
+        rebuilt = {name for name, layer in layers.items() if getattr(layer, "rebuildable", False)}
+        tensors = {key: t for key, t in tensors.items()
+                   if not (key.rpartition(".")[2] in FROZEN and key.rpartition(".")[0] in rebuilt)}
+        config["storage"] = "compact"
+        config["stored_factors"] = sorted(set(layers) - rebuilt)
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
-        tensors = tensors if tensors is not None else adapter_tensors(model)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", "sara_version": __version__})
     write_json(folder / CONFIG_NAME, config)
     return sum(p.stat().st_size for p in (folder / WEIGHTS_NAME, folder / CONFIG_NAME))
@@ -104,8 +121,11 @@ def load_safetensors(path: Path) -> dict:
                         "re-save it") from None
 
 
-def load_adapter_tensors(model, adapter_dir: Path, trainable_only: bool = False) -> None:
-    """Copy saved adapter tensors into the adapter layers of `model` (shapes must match)."""
+def load_adapter_tensors(model, adapter_dir: Path, trainable_only: bool = False) -> set[str]:
+    """Copy saved adapter tensors into the adapter layers of `model` (shapes must match).
+
+    Returns the names of the tensors in the file.
+    """
     import torch
 
     state = load_safetensors(Path(adapter_dir) / WEIGHTS_NAME)
@@ -122,12 +142,15 @@ def load_adapter_tensors(model, adapter_dir: Path, trainable_only: bool = False)
                 raise SaraError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
                                 f"expects {tuple(target.shape)}; the adapter belongs to another base")
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return set(state)
 
 
 def attach_adapter(model, adapter_dir: Path, weights=None):
     """Wrap `model` (the original base) with the saved adapter, exactly as trained.
 
-    No decomposition is made: ranks come from the config and the frozen factors from the file.
+    Ranks come from the config and the frozen factors from the file; a compact Mo-SARA file's
+    U_k, V_k are decomposed again from W (checkpoint files through the spectrum cache, else the
+    loaded weight) and checked against the file's probe.
     PiSSA/SORSA rebuild their residual W - B0 A0 from W as read from the checkpoint files when
     `weights` (an initialize.CheckpointWeights) is given, as training did, else from the loaded W.
     Returns {module name: layer}.
@@ -137,9 +160,11 @@ def attach_adapter(model, adapter_dir: Path, weights=None):
     config = read_config(adapter_dir)
     layers = inject_adapters(model, config["method"], config["options"], config["targets"],
                              ranks=config["ranks"], initialize=False)
-    load_adapter_tensors(model, adapter_dir)
+    saved = load_adapter_tensors(model, adapter_dir)
     for name, layer in layers.items():
         source = module_source(weights, name, layer.base_layer) if layer.reads_weight else None
+        layer.restore_frozen(name, source, {key.rpartition(".")[2] for key in saved
+                                            if key.rpartition(".")[0] == name})
         layer.after_load(None if source is None else source.weight())
     return layers
 
@@ -159,6 +184,39 @@ def load_adapter_model(adapter_dir: Path, base: str | None = None, dtype: str | 
     model_cfg = recorded_model_section(recorded, base, dtype, full_precision)
     model, tokenizer, model_dir = load_base_model(model_cfg, device,
                                                   compute_dtype=recorded.get("compute_dtype", "float32"))
-    attach_adapter(model, adapter_dir, CheckpointWeights(model_dir, use_cache=False))
+    # The cache makes a compact file's rebuild a lookup; the probe checks whatever it returns.
+    compact = storage(config["options"]) == "compact"
+    attach_adapter(model, adapter_dir, CheckpointWeights(model_dir, use_cache=compact))
     model.eval()
     return model, tokenizer, config
+
+
+def rebuild_frozen(config: dict, grouped: dict, model_dir: Path) -> None:
+    """Fill in U_k, V_k (float32) for the modules of a compact Mo-SARA file, in place.
+
+    Args:
+        grouped: {module: {tensor name: tensor}} as read from the file.
+        model_dir: the base checkpoint the factors are decomposed from (through the cache).
+
+    Raises:
+        SaraError: the base has no weight for a module, or a rebuild fails its checks.
+    """
+    import torch
+
+    from sara_cli.adapters import frozen
+    from sara_cli.adapters.initialize import CheckpointWeights
+
+    missing = [module for module, t in grouped.items() if config["method"] == "mosara" and FROZEN[0] not in t]
+    if not missing:
+        return
+    weights = CheckpointWeights(model_dir)
+    for module in missing:
+        t = grouped[module]
+        source = weights.source(module)
+        if source is None:
+            raise SaraError(f"{module}: the base {model_dir} holds no weight for this module, so a "
+                            "compact Mo-SARA adapter cannot rebuild its vectors; give the base it was trained on")
+        U, Vh = frozen.rebuild(module, source, config["ranks"][module], t["mosara_fingerprint"],
+                               t["mosara_probe_U"], t["mosara_probe_Vh"])
+        t["mosara_U"], t["mosara_Vh"] = U.to("cpu", torch.float32), Vh.to("cpu", torch.float32)
+        source.release()

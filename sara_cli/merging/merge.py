@@ -365,6 +365,7 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
 
     modules = list(config["ranks"])
     tensors = grouped_tensors(adapter_dir, modules)
+    checkpoint.rebuild_frozen(config, tensors, base_dir)  # a compact Mo-SARA file's U_k, V_k
     mapping = hub.match_tensor_names(modules, list(hub.tensor_index(base_dir)))
     updates = {name: factors(method, config["options"], tensors[module], mean_gates.get(module))
                for name, module in mapping.items()}

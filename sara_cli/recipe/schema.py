@@ -20,7 +20,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 # Adapter settings each method accepts (beyond method, targets, dropout), with paper defaults.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "sara": {"tau": 0.01, "use_lambda": True, "init_lambda": "zeros", "zero_init": "none"},
-    "mosara": {"tau": 0.5, "num_experts": 5, "v_position": "after"},
+    "mosara": {"tau": 0.5, "num_experts": 5, "v_position": "after", "storage": "compact"},
     "lora": {"rank": 8, "alpha": 16.0},
     "pissa": {"rank": 8, "svd": "lowrank"},
     "sorsa": {"rank": 8, "gamma": 4e-4, "sorsa_update": "reference", "svd": "full"},
@@ -52,6 +52,8 @@ class AdapterSection(Section):
     tau: Optional[float] = Field(None, gt=0.0, le=1.0, description="SARA/Mo-SARA: share of the singular-value sum.")
     num_experts: Optional[int] = Field(None, ge=1, le=64, description="Mo-SARA: singular-value sets m.")
     v_position: Optional[Literal["after", "before"]] = Field(None, description="Mo-SARA: where the scale v sits.")
+    storage: Optional[Literal["compact", "full"]] = Field(
+        None, description="Mo-SARA: compact files leave out U_k, V_k (rebuilt from the base on load).")
     rank: Optional[int] = Field(None, ge=1, description="LoRA/PiSSA/SORSA rank r.")
     alpha: Optional[float] = Field(None, gt=0.0, description="LoRA: scale alpha/r.")
     gamma: Optional[float] = Field(None, ge=0.0, description="SORSA: regulariser strength.")

@@ -33,6 +33,9 @@ TRAIN_MADE = ("recipe.yaml", "adapter", LOG_NAME, "loss.png", STAGING, WRITE_PRO
 RESULT_NEUTRAL = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
                   "report_to", "dataloader_num_workers", "per_device_eval_batch_size",
                   "gradient_checkpointing", "ddp_backend"}
+# Adapter settings that change only how the adapter file is written: a resume may change them (a run
+# from before `storage` existed then continues, its checkpoints being full files).
+FILE_ONLY = {"storage"}
 
 
 def is_main_process() -> bool:
@@ -104,14 +107,14 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
 def changed_settings(before: dict, after: dict) -> list[str]:
     """'section.key: old -> new' for every setting that differs and could change the result.
 
-    The model, adapter and data sections must match exactly; in train, RESULT_NEUTRAL keys
-    (logging and save cadence, loggers, eval batch size, checkpointing) may differ.
+    The model, adapter and data sections must match exactly, but for adapter.storage; in train,
+    RESULT_NEUTRAL keys (logging and save cadence, loggers, eval batch size, checkpointing) may differ.
     """
     changes = []
     for section in ("model", "adapter", "data", "train"):
         old, new = _without_none(before.get(section)) or {}, _without_none(after.get(section)) or {}
         for key in [*new, *(k for k in old if k not in new)]:
-            if section == "train" and key in RESULT_NEUTRAL:
+            if (section == "train" and key in RESULT_NEUTRAL) or (section == "adapter" and key in FILE_ONLY):
                 continue
             if old.get(key) != new.get(key):
                 changes.append(f"{section}.{key}: {_show(old.get(key))} -> {_show(new.get(key))}")
