@@ -151,6 +151,12 @@ def e2e_steps(plan: Plan) -> list[Step]:
         Step("analyze", 1, "e2e", sara("analyze", w / "model", "--tau", "0.01", "--tau", "0.5", "--targets",
                                        "all-linear", "--device", plan.device, "--json", w / "analyze.json"),
              120, needs=("model",)),
+        # Routed (unmerged) Mo-SARA m 5 on q/v against the base, per generated token (issue 22).
+        Step("routed-inference", 1, "e2e", list(map(str, [
+            "bench/routed_inference.py", "--base", w / "model", "--device", plan.device, "--dtype", plan.dtype,
+            "--experts", 5, "--targets", "q_proj,v_proj", "--new-tokens", 8 if plan.smoke else 64,
+            "--rounds", 1 if plan.smoke else 5, "--out", plan.out / "suites" / "routed-inference.json"])),
+             180, needs=("model",)),
     ]
     return steps
 

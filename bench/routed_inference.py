@@ -182,6 +182,7 @@ def main(argv=None) -> dict:
     result["command"] = "python bench/routed_inference.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("all_")}, indent=2))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

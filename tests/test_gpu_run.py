@@ -29,7 +29,7 @@ finally:
     sys.path.remove(str(REPO))
 
 E2E = ["model", "train-sara", "train-mosara", "train-lora", "train-pissa", "train-sorsa", "train-sara-4bit",
-       "merge-bf16", "merge-fp32", "export-peft", "eval-fast", "eval-llm-adapters", "route-map", "chat", "analyze"]
+       "merge-bf16", "merge-fp32", "export-peft", "eval-fast", "eval-llm-adapters", "route-map", "chat", "analyze", "routed-inference"]
 STEP_KEYS = {"name", "phase", "group", "status", "exit_code", "seconds", "command", "tail", "log", "note", "targets"}
 
 
@@ -64,6 +64,9 @@ def test_smoke_runs_every_command_end_to_end(smoke):
     assert steps["train-sara"]["command"].startswith("python -m sara_cli --debug train ")
     assert results["environment"]["device"] == "cpu" and results["environment"]["import datasets"] == "ok"
     assert results["meta"]["smoke"] is True and results["meta"]["phase"] == "all"
+    routed = json.loads((out / "suites" / "routed-inference.json").read_text())
+    routed = routed[0] if isinstance(routed, list) else routed
+    assert routed["experts"] == 5 and set(routed["seconds_per_token"]) >= {"base", "fast"}
 
 
 @pytest.mark.e2e
