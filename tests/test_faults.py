@@ -264,6 +264,40 @@ def adapter_config_junk(run: Path) -> None:
     (run / "adapter" / "sara_config.json").write_text('{"method": "sara",')
 
 
+def overlap_train(output: str, fragments):
+    """train with train.output_dir set to the base, or to a folder holding its data file."""
+    def setup(ws, tmp):
+        if output == "base":
+            return ["train", recipe_with(ws, tmp, train={"output_dir": str(ws["base"])}), "--overwrite"], [
+                "train.output_dir", str(ws["base"]), *fragments]
+        data = tmp / "mine" / "data.json"
+        data.parent.mkdir()
+        shutil.copy(ws["data"], data)
+        recipe = recipe_with(ws, tmp, data={"train_file": str(data)}, train={"output_dir": str(data.parent)})
+        return ["train", recipe], ["train.output_dir", str(data), *fragments]
+    return setup
+
+
+def merge_into_a_link_to_the_base(ws, tmp):
+    (tmp / "link").symlink_to(ws["base"], target_is_directory=True)
+    return ["merge", ws["runs"]["sara"], "--out", tmp / "link", "--overwrite"], [
+        str(tmp / "link"), "is the base model", str(ws["base"])]
+
+
+def eval_json_onto_predictions(ws, tmp):
+    predictions = tmp / "p.jsonl"
+    predictions.write_text(json.dumps({"output": "The answer is 2", "answer": "2"}) + "\n")
+    return ["eval", "--task", "svamp", "--score", predictions, "--json", predictions], [
+        "--json", "is the predictions file", str(predictions)]
+
+
+def eval_out_holds_the_test_set(ws, tmp):
+    test = tmp / "mine" / "svamp.json"
+    test.parent.mkdir()
+    test.write_text(json.dumps([{"instruction": "1 + 1?", "answer": "2"}]))
+    return ["eval", ws["base"], "--task", test, "--out", test.parent], [f"--out {test.parent} contains", str(test)]
+
+
 CASES = {
     # analyze
     "analyze-missing-folder": lambda ws, tmp: (["analyze", tmp / "nowhere"], [str(tmp / "nowhere"), "does not exist"]),
@@ -316,6 +350,31 @@ CASES = {
     "merge-mosara-without-routing": merge_args(fragments=["--routing mean", "--calibration"], method="mosara"),
     "merge-missing-calibration": merge_args("--routing", "mean", "--calibration", "gone.json",
                                             fragments=["gone.json", "does not exist"], method="mosara"),
+    # outputs never overwrite inputs (--overwrite included)
+    "merge-out-is-the-base": lambda ws, tmp: (["merge", ws["runs"]["sara"], "--out", ws["base"], "--overwrite"],
+                                              [f"--out {ws['base']} is the base model", "choose another path"]),
+    "merge-out-is-the-run": lambda ws, tmp: (["merge", ws["runs"]["sara"], "--out", ws["runs"]["sara"], "--overwrite"],
+                                             [str(ws["runs"]["sara"]), "is a run folder"]),
+    "merge-out-holds-the-run": lambda ws, tmp: (["merge", ws["runs"]["sara"], "--out", ws["root"], "--overwrite"],
+                                                [f"--out {ws['root']} contains the adapter"]),
+    "merge-out-is-a-link-to-the-base": merge_into_a_link_to_the_base,
+    "merge-export-into-the-adapter": lambda ws, tmp: (
+        ["merge", ws["runs"]["sara"], "--format", "peft-lora", "--out", ws["runs"]["sara"] / "adapter" / "lora"],
+        ["--out", "lies inside", "adapter"]),
+    "train-output-is-the-base": overlap_train("base", ["is the base model"]),
+    "train-output-holds-the-data": overlap_train("data", ["contains the data file"]),
+    "eval-json-is-the-predictions": eval_json_onto_predictions,
+    "eval-json-is-the-data": lambda ws, tmp: (["eval", ws["runs"]["sara"], "--task", "loss", "--data", ws["data"],
+                                               "--json", ws["data"]], [f"--json {ws['data']} is the data file"]),
+    "eval-out-is-the-base": lambda ws, tmp: (["eval", ws["runs"]["sara"], "--task", "svamp", "--out", ws["base"]],
+                                             [f"--out {ws['base']} is its base model"]),
+    "eval-out-holds-the-test-set": eval_out_holds_the_test_set,
+    "analyze-json-onto-the-weights": lambda ws, tmp: (
+        ["analyze", ws["base"], "--json", ws["base"] / "model.safetensors"],
+        ["--json", "lies inside the model", str(ws["base"])]),
+    "route-map-out-is-the-adapter": lambda ws, tmp: (
+        ["route-map", ws["runs"]["mosara"], "--task", "svamp", "--out", ws["runs"]["mosara"] / "adapter"],
+        ["--out", "is the adapter"]),
     # eval
     "eval-unknown-task": eval_args("RUN", "--task", "gsm9k", fragments=["'gsm9k'", "gsm8k"]),
     "eval-bad-protocol": eval_args("RUN", "--task", "svamp", "--protocol", "slow", fragments=["--protocol", "'slow'"]),

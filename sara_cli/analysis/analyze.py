@@ -52,6 +52,26 @@ class Analysis:
         }
 
 
+def check_outputs(model: str, json_path: Path | None, plot_path: Path | None) -> None:
+    """Fail before any work when --json or --plot cannot be written, or would overwrite the
+    model or the spectrum cache that analyze reads.
+
+    Raises:
+        SaraError: naming the flag and the path.
+    """
+    from sara_cli.files import check_apart, check_output_file
+    from sara_cli.model.builtin import is_builtin
+    from sara_cli.model.cache import cache_root
+
+    inputs = [("the spectrum cache", cache_root())]
+    if not is_builtin(model) and Path(model).expanduser().exists():
+        inputs.append(("the model", Path(model)))
+    check_apart([("--json", json_path), ("--plot", plot_path)], inputs, "analyze")
+    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            check_output_file(path, flag)
+
+
 def select_matrices(index: dict, targets: list[str]) -> list[str]:
     """Tensor names of the targeted 2-D weights, layers in numeric order (not the header's string order).
 

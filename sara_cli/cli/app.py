@@ -159,11 +159,7 @@ def analyze(
         raise SaraError(f"--experts must be at least 1, got {experts}")
     if match_lora_rank is not None and match_lora_rank < 1:
         raise SaraError(f"--match-lora-rank must be at least 1, got {match_lora_rank}")
-    from sara_cli.files import check_output_file
-
-    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
-        if path is not None:
-            check_output_file(path, flag)  # before the spectra, which can take minutes
+    core.check_outputs(model, json_path, plot_path)  # before the spectra, which can take minutes
     taus = tau or [0.5]
     with matrix_progress(console) as (on_start, on_matrix):
         result = core.analyze(model, taus, parse_targets(targets), device, on_start, on_matrix)
@@ -263,7 +259,7 @@ def eval_command(
     from sara_cli.evaluation import evaluate
 
     mode = evaluate.choose_mode(model, task, score, harness, data, protocol, json_path)
-    evaluate.check_targets(out, json_path)
+    evaluate.check_targets(out, json_path, evaluate.eval_inputs(model, task, score, data, data_dir, mode))
     if mode == "score":
         name, result = evaluate.score_file(score, task, json_path)
         console.print(f"{name}: {result['correct']}/{result['n']} correct, accuracy "
@@ -361,9 +357,9 @@ def route_map(
 ) -> None:
     """Mo-SARA routing heatmaps: mean gate per layer and expert, per task."""
     from sara_cli.cli.views import route_map_view
-    from sara_cli.analysis.routing import output_folder, route_map as compute, write_outputs
+    from sara_cli.analysis.routing import output_folder, route_map as compute, route_map_inputs, write_outputs
 
-    out = output_folder(path, out)  # checked before any work
+    out = output_folder(path, out, route_map_inputs(path, task, data, data_dir))  # before any work
     with console.status("routing"):
         result = compute(path, task, data, limit, data_dir,
                          [m.strip() for m in modules.split(",")] if modules else None, tokens)

@@ -25,7 +25,7 @@ from sara_cli.model import hub, loading
 from sara_cli.training import rundir
 from sara_cli.evaluation import tasks
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_path, check_output_file, check_writable, write_json
+from sara_cli.files import atomic_path, check_apart, check_output_file, check_writable, write_json
 
 PROTOCOLS = ("fast", "llm-adapters")
 
@@ -284,18 +284,58 @@ def file_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
 
 
-def check_targets(out: Path | None, json_path: Path | None) -> None:
-    """Fail before any work when --out or --json cannot be written, or --out lies inside a run's
-    adapter or checkpoint folder.
+def check_targets(out: Path | None, json_path: Path | None, inputs: list | None = None) -> None:
+    """Fail before any work when --out or --json cannot be written, lies inside a run's adapter
+    or checkpoint folder, or would overwrite one of `inputs` (`eval_inputs`).
 
     Raises:
         SaraError: naming the flag and the path.
     """
+    check_apart([("--out", out), ("--json", json_path)], inputs or [], "eval")
     if out is not None:
         check_writable(out, "--out")
         rundir.check_outside_managed(out, "--out")
     if json_path is not None:
         check_output_file(json_path, "--json")
+
+
+def eval_inputs(model: str | None, task: str | None, score: Path | None, data: str | None,
+                data_dir: Path | None, mode: str) -> list[tuple[str, Path]]:
+    """(label, path) of every local file or folder eval reads in `mode`: the model (a run's
+    adapter and base), the predictions file, the records, the test sets."""
+    from sara_cli.model.builtin import is_builtin
+
+    inputs: list[tuple[str, Path]] = []
+    if score is not None:
+        inputs.append(("the predictions file", Path(score)))
+    if data is not None and not is_builtin(data) and Path(data).expanduser().exists():
+        inputs.append(("the data file", Path(data)))
+    if mode == "benchmarks":
+        for task_ in tasks.resolve_tasks(task):
+            inputs.append((f"the {task_.name} test set", tasks.records_path(task_, data_dir)))
+    if model is not None:
+        inputs += model_inputs(model)
+    return inputs
+
+
+def model_inputs(reference: str) -> list[tuple[str, Path]]:
+    """(label, path) of a local model reference: a run's adapter and its recorded base, or the
+    checkpoint folder itself. A built-in or hub id lives in a cache no flag writes to."""
+    path = Path(reference).expanduser()
+    if not path.is_dir():
+        return []
+    try:
+        adapter_dir = checkpoint.find_adapter_dir(path)
+    except SaraError:
+        return [("the model", path)]
+    inputs = [("the adapter", adapter_dir)]
+    try:
+        base = checkpoint.read_config(adapter_dir)["base_model"].get("path")
+    except SaraError:  # named when the model loads
+        base = None
+    if base:
+        inputs.append(("its base model", Path(base)))
+    return inputs
 
 
 @dataclass

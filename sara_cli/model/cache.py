@@ -36,6 +36,11 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
+def cache_root(root: Path | None = None) -> Path:
+    """The folder holding every checkpoint's spectra."""
+    return Path(root or cache_dir()) / "spectra"
+
+
 class SpectrumCache:
     """Cached spectra of one base checkpoint (one fingerprint).
 
@@ -46,7 +51,7 @@ class SpectrumCache:
     """
 
     def __init__(self, fingerprint: str, stamp=None, root: Path | None = None):
-        self.folder = Path(root or cache_dir()) / "spectra" / FORMAT / _safe(fingerprint.split(":")[-1])
+        self.folder = cache_root(root) / FORMAT / _safe(fingerprint.split(":")[-1])
         self.stamp = stamp or (lambda tensor: "")
         self.writable = True
 

@@ -14,7 +14,7 @@ from sara_cli.model import builtin, loading, quantize
 from sara_cli.adapters import checkpoint
 from sara_cli.training import distributed
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_dir, check_writable, write_text
+from sara_cli.files import atomic_dir, check_apart, check_writable, write_text
 from sara_cli.recipe import check_report_to
 from sara_cli.training.rundir import (CHECKPOINT, LOG_NAME, is_main_process, locked, plan_output,
                              prepare_output, remove_previous, saved_recipe, trim_log)
@@ -112,8 +112,27 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     if output_dir.exists() and not output_dir.is_dir():
         raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
     check_writable(output_dir, "train.output_dir")
+    check_apart([("train.output_dir", output_dir)], train_inputs(recipe), "train")
     with nullcontext() if dry_run else locked(output_dir):
         return _train(recipe, output_dir, resume, overwrite, dry_run, reporter)
+
+
+def train_inputs(recipe) -> list[tuple[str, Path]]:
+    """(label, path) of the local files and folders a run reads: the base, the data files, the
+    spectrum cache. A built-in or hub reference is resolved later, inside caches of its own."""
+    from sara_cli.model.cache import cache_root
+
+    inputs = []
+    base = Path(recipe.model.name_or_path).expanduser()
+    if not builtin.is_builtin(recipe.model.name_or_path) and base.exists():
+        inputs.append(("the base model (model.name_or_path)", base))
+    for which in ("train", "eval"):
+        for data in recipe.data.files(which):
+            path = Path(data.path).expanduser()
+            if not builtin.is_builtin(data.path) and path.exists():
+                inputs.append((f"the data file (data.{which}_file)", path))
+    inputs.append(("the spectrum cache", cache_root()))
+    return inputs
 
 
 def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: bool, reporter) -> dict:
