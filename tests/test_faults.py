@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import one_line_error, run_cli
@@ -298,6 +299,26 @@ def eval_out_holds_the_test_set(ws, tmp):
     return ["eval", ws["base"], "--task", test, "--out", test.parent], [f"--out {test.parent} contains", str(test)]
 
 
+def resume_damaged(name: str, damage, why: str):
+    """train resumes a run stopped after checkpoint-1 whose file `name` was damaged by `damage`."""
+    def setup(ws, tmp):
+        run = run_copy(ws, tmp)
+        shutil.rmtree(run / "adapter")  # as if stopped after its checkpoint
+        damage(run / "checkpoint-1" / name)
+        return ["train", recipe_with(ws, tmp, train={"output_dir": str(run)})], [
+            f"{run / 'checkpoint-1' / name} {why}", "no earlier checkpoint is complete", "--overwrite"]
+    return setup
+
+
+def refused_pickle(path: Path) -> None:
+    """An RNG state that torch.load(weights_only=True) refuses: it pickles a class."""
+    import pathlib
+
+    import torch
+
+    torch.save({"python": pathlib.PurePosixPath("x")}, path)
+
+
 CASES = {
     # analyze
     "analyze-missing-folder": lambda ws, tmp: (["analyze", tmp / "nowhere"], [str(tmp / "nowhere"), "does not exist"]),
@@ -367,7 +388,7 @@ CASES = {
     "eval-json-is-the-data": lambda ws, tmp: (["eval", ws["runs"]["sara"], "--task", "loss", "--data", ws["data"],
                                                "--json", ws["data"]], [f"--json {ws['data']} is the data file"]),
     "eval-out-is-the-base": lambda ws, tmp: (["eval", ws["runs"]["sara"], "--task", "svamp", "--out", ws["base"]],
-                                             [f"--out {ws['base']} is its base model"]),
+                                             [f"--out {ws['base']} is the run's base model"]),
     "eval-out-holds-the-test-set": eval_out_holds_the_test_set,
     "analyze-json-onto-the-weights": lambda ws, tmp: (
         ["analyze", ws["base"], "--json", ws["base"] / "model.safetensors"],
@@ -375,6 +396,15 @@ CASES = {
     "route-map-out-is-the-adapter": lambda ws, tmp: (
         ["route-map", ws["runs"]["mosara"], "--task", "svamp", "--out", ws["runs"]["mosara"] / "adapter"],
         ["--out", "is the adapter"]),
+    # a resume continues exactly as the run would have gone on, or is refused
+    "train-resume-without-optimizer": resume_damaged("optimizer.pt", Path.unlink, "is missing"),
+    "train-resume-without-scheduler": resume_damaged("scheduler.pt", Path.unlink, "is missing"),
+    "train-resume-without-rng-state": resume_damaged("rng_state.pth", Path.unlink, "is missing"),
+    "train-resume-truncated-optimizer": resume_damaged("optimizer.pt", truncate, "cannot be read"),
+    "train-resume-refused-rng-state": resume_damaged("rng_state.pth", refused_pickle, "cannot be read"),
+    "train-resume-junk-trainer-state": resume_damaged("trainer_state.json", lambda p: p.write_text("{"),
+                                                      "is not valid JSON"),
+    "train-resume-truncated-adapter": resume_damaged("adapter_model.safetensors", truncate, ""),
     # eval
     "eval-unknown-task": eval_args("RUN", "--task", "gsm9k", fragments=["'gsm9k'", "gsm8k"]),
     "eval-bad-protocol": eval_args("RUN", "--task", "svamp", "--protocol", "slow", fragments=["--protocol", "'slow'"]),
@@ -415,3 +445,29 @@ def test_fault(name, workspace, tmp_path, monkeypatch):
     line = one_line_error(result, *map(str, fragments), stdout_empty=False)
     assert result.exit_code == 2, line
     assert snapshot(workspace["root"], tmp_path) == before, "a file the user had was changed"
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_the_resume_is_exact(workspace, tmp_path):
+    """Two steps, a checkpoint after each; checkpoint-2 loses its optimizer state. The resume
+    says so, continues from checkpoint-1, and ends with the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    def recipe(out: Path) -> Path:
+        return write_recipe(tmp_path / f"{out.name}.yaml", workspace["base"], workspace["data"], out,
+                            {"method": "sara", "tau": 0.5})
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli("train", recipe(whole), "train.max_steps=2").exit_code == 0
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "checkpoint-2" / "optimizer.pt").unlink()
+    result = run_cli("train", recipe(resumed), "train.max_steps=2")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"checkpoint-2 cannot be resumed exactly ({resumed / 'checkpoint-2' / 'optimizer.pt'} is missing)" in said
+    assert "resuming from checkpoint-1" in said
+    expected = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name

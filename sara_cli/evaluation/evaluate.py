@@ -334,7 +334,7 @@ def model_inputs(reference: str) -> list[tuple[str, Path]]:
     except SaraError:  # named when the model loads
         base = None
     if base:
-        inputs.append(("its base model", Path(base)))
+        inputs.append(("the run's base model", Path(base)))
     return inputs
 
 
