@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -35,6 +36,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+    except Exception as exc:
+        full = no_space(exc, path.parent)
+        if full is None:
+            raise
+        raise NoSpace(path) from None  # the path the user knows, not the temporary file's
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -120,6 +126,54 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist yet
         return False
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Libraries that report a full disk without an errno: safetensors names it in its message;
+# torch.save only says that its stream failed.
+FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+STREAM_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter", "unexpected pos")
+LOW_SPACE = 16 * 2**20  # bytes free below which such a failure is taken to be a full disk
+
+
+class NoSpace(SaraError):
+    """A write failed because the disk (or the user's quota) is full."""
+
+    def __init__(self, where):
+        super().__init__(f"no space left on the device while writing {where}: free space or choose "
+                         "another output folder")
+
+
+def no_space(exc: BaseException, folder: Path | None = None) -> NoSpace | None:
+    """The one-line error for a write that failed on a full disk or quota, or None.
+
+    An OSError with ENOSPC or EDQUOT anywhere in the chain counts, as does a library message
+    that says so. torch.save's RuntimeError says neither: it counts when `folder` (where it
+    wrote) has less than LOW_SPACE free.
+    """
+    if isinstance(exc, NoSpace):
+        return exc
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return NoSpace(seen.filename or folder or "the output")
+        if any(word in str(seen) for word in FULL_WORDS):
+            return NoSpace(folder or "the output")
+        seen = seen.__cause__ or seen.__context__
+    if folder is not None and isinstance(exc, RuntimeError) and any(w in str(exc) for w in STREAM_FAILURES):
+        try:
+            free = shutil.disk_usage(_existing(Path(folder))).free
+        except OSError:
+            return None
+        if free < LOW_SPACE:
+            return NoSpace(f"{folder} ({free // 1024} KiB free)")
+    return None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def read_json(path: Path | str, fix: str = "re-download it or fix the file"):

@@ -471,3 +471,53 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_the_resume_is_exact(work
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+# -- a full disk is an ordinary error ---------------------------------------------------------------
+
+NO_SPACE = {
+    "oserror": lambda: OSError(28, "No space left on device"),
+    # torch.save on a full disk: a RuntimeError without errno, recognised by the free space left.
+    "torch-save": lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NO_SPACE))
+def test_a_full_disk_while_training_names_the_checkpoint_to_resume_from(kind, workspace, tmp_path, monkeypatch):
+    import sara_cli.files
+    from sara_cli.training.trainer import SaraTrainer
+
+    save = SaraTrainer._save_optimizer_and_scheduler
+
+    def fill_up(self, output_dir):
+        if self.state.global_step == 2:
+            (Path(output_dir) / "optimizer.pt").write_bytes(b"half")
+            raise NO_SPACE[kind]()
+        return save(self, output_dir)
+
+    monkeypatch.setattr(SaraTrainer, "_save_optimizer_and_scheduler", fill_up)
+    monkeypatch.setattr(sara_cli.files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", workspace["base"], workspace["data"], run, {"method": "sara", "tau": 0.5})
+    result = run_cli("train", recipe, "train.max_steps=3")
+    one_line_error(result, "no space left on the device while writing", "free space or choose another output folder",
+                   f"the last complete checkpoint is {run / 'checkpoint-1'}", "rerun the same command",
+                   stdout_empty=False)
+    assert result.exit_code == 2
+    assert sorted(p.name for p in run.iterdir() if p.name != rundir.LOCK_NAME) == [
+        "checkpoint-1", "recipe.yaml", "trainer_log.jsonl"]  # no half-written checkpoint-2, no staging
+
+
+def test_a_full_disk_while_merging_leaves_nothing_at_out(workspace, tmp_path, monkeypatch):
+    from sara_cli.merging import merge
+
+    def fill_up(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge.ShardWriter, "flush", fill_up)
+    before = snapshot(workspace["root"])
+    result = run_cli("merge", workspace["runs"]["sara"], "--out", tmp_path / "merged")
+    one_line_error(result, f"no space left on the device while writing {tmp_path / 'merged'}",
+                   f"nothing was written at {tmp_path / 'merged'}")
+    assert result.exit_code == 2 and list(tmp_path.iterdir()) == []
+    assert snapshot(workspace["root"]) == before

@@ -73,3 +73,23 @@ def test_atomic_dir_cleans_up_before_it_writes(tree):
         (staging / "x").write_text("new")
     assert not stale.exists() and (tree / "merged" / "x").read_text() == "new"
     assert [p.name for p in tree.iterdir() if p.name.startswith(".merged")] == []
+
+
+def test_a_full_disk_is_named_by_the_final_path_and_leaves_no_temporary_file(tmp_path):
+    from sara_cli.files import NoSpace, atomic_path
+
+    with pytest.raises(NoSpace, match=f"no space left on the device while writing {tmp_path / 'r.json'}: free"):
+        with atomic_path(tmp_path / "r.json") as tmp:
+            tmp.write_text("half")
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_messages_of_a_full_disk_are_recognised_and_others_are_not(tmp_path):
+    from sara_cli.files import no_space
+
+    safetensors = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert "while writing" in str(no_space(safetensors, tmp_path))
+    assert no_space(OSError(13, "Permission denied")) is None
+    # torch.save's stream error alone says nothing: with plenty of room it is some other failure.
+    assert no_space(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5 vs 3"), tmp_path) is None

@@ -61,6 +61,12 @@ def command(func=None, *, name: str | None = None):
         except Exception as exc:
             if DEBUG["on"]:
                 raise
+            from sara_cli.files import no_space
+
+            full = no_space(exc)  # eval's results, analyze's JSON, anything else written
+            if full is not None:
+                err_console.print(f"[bold red]error:[/] {escape(str(full))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(full.exit_code) from None
             err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} "
                               "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

@@ -26,7 +26,7 @@ from sara_cli.adapters import checkpoint
 from sara_cli.model import hub
 from sara_cli.training import rundir
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_dir, check_apart, check_writable
+from sara_cli.files import atomic_dir, check_apart, check_writable, no_space
 from sara_cli.merging.verify import check_export, check_merged, mean_routing, verification_texts
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -414,7 +414,12 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
 
             (staging / "README.md").write_text(model_card(config, base_ref, fmt, report, calibration))
             publish_permissions(staging)
-    except (OSError, SafetensorError) as exc:  # disk full, permissions, a vanished folder
+    except (OSError, SafetensorError, RuntimeError) as exc:  # disk full, permissions, a vanished folder
+        full = no_space(exc, out)
+        if full is not None:
+            raise SaraError(f"{full}; nothing was written at {out}") from None
+        if isinstance(exc, RuntimeError):
+            raise
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise SaraError(f"writing {out} failed: {reason}; nothing was written there. Check free "
                         "space and permissions") from None

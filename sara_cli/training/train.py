@@ -14,7 +14,7 @@ from sara_cli.model import builtin, loading, quantize
 from sara_cli.adapters import checkpoint
 from sara_cli.training import distributed
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_dir, check_apart, check_writable, write_text
+from sara_cli.files import atomic_dir, check_apart, check_writable, no_space, write_text
 from sara_cli.recipe import check_report_to
 from sara_cli.training.rundir import (CHECKPOINT, LOG_NAME, is_main_process, locked, plan_output,
                              prepare_output, remove_previous, saved_recipe, trim_log)
@@ -114,7 +114,24 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     check_writable(output_dir, "train.output_dir")
     check_apart([("train.output_dir", output_dir)], train_inputs(recipe), "train")
     with nullcontext() if dry_run else locked(output_dir):
-        return _train(recipe, output_dir, resume, overwrite, dry_run, reporter)
+        try:
+            return _train(recipe, output_dir, resume, overwrite, dry_run, reporter)
+        except Exception as exc:
+            full = no_space(exc, output_dir)
+            if full is None:
+                raise
+            raise SaraError(f"{full}; {what_is_left(output_dir)}") from None
+
+
+def what_is_left(output_dir: Path) -> str:
+    """After a failed run: the checkpoint a rerun continues from, or that it starts over."""
+    from sara_cli.training.rundir import checkpoint_folders, resume_problem
+
+    complete = [c for c in checkpoint_folders(output_dir) if resume_problem(c) is None]
+    if complete:
+        return (f"the last complete checkpoint is {complete[-1]}: rerun the same command to resume "
+                "from it")
+    return "no checkpoint was complete yet: a rerun starts from the beginning"
 
 
 def train_inputs(recipe) -> list[tuple[str, Path]]:
