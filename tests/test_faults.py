@@ -521,3 +521,54 @@ def test_a_full_disk_while_merging_leaves_nothing_at_out(workspace, tmp_path, mo
                    f"nothing was written at {tmp_path / 'merged'}")
     assert result.exit_code == 2 and list(tmp_path.iterdir()) == []
     assert snapshot(workspace["root"]) == before
+
+
+# -- no code from a model folder runs unless asked ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def custom_code_base(workspace, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the tiny Llama whose config names its own model code (auto_map); importing that
+    code writes a marker file. Returns (folder, marker)."""
+    folder = tmp_path_factory.mktemp("custom-code") / "base"
+    shutil.copytree(workspace["base"], folder)
+    marker = folder.parent / "code-ran.txt"
+    (folder / "custom_model.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'sara-test-custom'\n\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="sara-test-custom", auto_map={"AutoConfig": "custom_model.CustomConfig",
+                                                           "AutoModelForCausalLM": "custom_model.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "chat"])
+def test_a_model_folders_own_code_never_runs_unasked(command, custom_code_base, workspace, tmp_path):
+    folder, marker = custom_code_base
+    argv, setting = {
+        "train": (["train", recipe_with(workspace, tmp_path, model={"name_or_path": str(folder)})],
+                  "model.trust_remote_code: true"),
+        "eval": (["eval", folder, "--task", "svamp", "--limit", "1", "--out", tmp_path / "results"],
+                 "--trust-remote-code"),
+        "chat": (["chat", folder, "--prompt", "Hi"], "--trust-remote-code"),
+    }[command]
+    before = snapshot(folder)
+    result = run_cli(*argv)
+    one_line_error(result, f"model {folder} needs its own Python code", setting, "code you trust",
+                   stdout_empty=False)
+    assert result.exit_code == 2 and not marker.exists()
+    assert snapshot(folder) == before
+
+
+def test_asked_to_the_folders_code_runs(custom_code_base, tmp_path):
+    """The control for the test above: with --trust-remote-code the same folder's code runs."""
+    folder = tmp_path / "base"
+    shutil.copytree(custom_code_base[0], folder)
+    marker = tmp_path / "asked.txt"
+    code = (folder / "custom_model.py").read_text().replace(str(custom_code_base[1]), str(marker))
+    (folder / "custom_model.py").write_text(code)
+    result = run_cli("chat", folder, "--prompt", "Hi", "--max-new-tokens", "2", "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    assert marker.read_text() == "ran"

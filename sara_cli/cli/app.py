@@ -260,6 +260,7 @@ def eval_command(
     data: Optional[str] = typer.Option(None, "--data", help="With --task loss: instruction records to score."),
     harness: Optional[str] = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, comma-separated (sara_svamp, sara_boolq_mc, ...)."),
     harness_args: list[str] = typer.Option([], "--harness-args", help="KEY=VALUE for lm_eval.simple_evaluate (num_fewshot=5, apply_chat_template=true); repeat."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run a model folder's own Python code (auto_map); only for code you trust."),
 ) -> None:
     """Benchmark accuracy with the LLM-Adapters protocol, mean loss, or lm-evaluation-harness tasks."""
     from sara_cli.evaluation import evaluate
@@ -271,13 +272,14 @@ def eval_command(
         console.print(f"{name}: {result['correct']}/{result['n']} correct, accuracy "
                       f"{result['accuracy']:.4f}", highlight=False)
     elif mode == "loss":
-        description, result, json_path = evaluate.loss(model, data, batch_size, limit, json_path)
+        description, result, json_path = evaluate.loss(model, data, batch_size, limit, json_path, trust_remote_code)
         console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "
                       f"{result['perplexity']:.3f} over {result['tokens']:,d} tokens", highlight=False)
     elif mode == "harness":
         from sara_cli.evaluation import harness as bridge
 
-        report = bridge.run(model, harness, harness_args, data_dir, batch_size, limit, out, max_new_tokens)
+        report = bridge.run(model, harness, harness_args, data_dir, batch_size, limit, out, max_new_tokens,
+                            trust_remote_code)
         console.print(report.table, highlight=False, markup=False)
         console.print(f"wrote {report.results_path} and {len(report.sample_paths)} samples file(s)",
                       highlight=False, markup=False)
@@ -286,7 +288,7 @@ def eval_command(
 
         with eval_progress(console) as (on_start, on_done):
             run = evaluate.benchmarks(model, task, data_dir, protocol, batch_size, limit, max_new_tokens, out,
-                                      on_start, on_done)
+                                      on_start, on_done, trust_remote_code)
         eval_table(console, run.results, run.summary, protocol)
         console.print(f"wrote {run.out}/summary.json and one <task>.jsonl per task", highlight=False,
                       markup=False)
@@ -305,13 +307,14 @@ def chat(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 greedy, above 0 samples; default: the model's generation_config."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling share; default: the model's generation_config."),
     system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run a model folder's own Python code (auto_map); only for code you trust."),
 ) -> None:
     """Talk to a model with its run's template, tokens streamed; Ctrl-C stops an answer, Ctrl-D leaves."""
     from sara_cli.evaluation.chat import generation_settings, open_session
 
     settings = generation_settings(max_new_tokens, temperature, top_p)
     with err_console.status("loading"):
-        session, description = open_session(model, template, settings, system)
+        session, description = open_session(model, template, settings, system, trust_remote_code)
     if prompt is not None:
         _stream_answer(session, prompt)
         return

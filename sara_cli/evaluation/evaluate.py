@@ -49,8 +49,11 @@ class TaskResult:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
 
-def load_model(reference: str, device: str | None = None):
+def load_model(reference: str, device: str | None = None, trust_remote_code: bool = False):
     """A merged checkpoint, a run/adapter folder (adapter applied on its base), or a base model.
+
+    `trust_remote_code` (--trust-remote-code) lets a plain checkpoint run its own model code; a
+    run's base loads as it was trained (its recorded model.trust_remote_code).
 
     Returns (model, tokenizer, description, run config or None).
     Raises:
@@ -81,7 +84,7 @@ def load_model(reference: str, device: str | None = None):
     hub.load_config(model_dir)
     hub.tensor_index(model_dir)  # names a missing or damaged weight file before transformers reads it
     dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
-    model, tokenizer, _ = loading.load_checkpoint(reference, dtype, device)
+    model, tokenizer, _ = loading.load_checkpoint(reference, dtype, device, trust_remote_code)
     return model, tokenizer, str(reference), None
 
 
@@ -349,7 +352,7 @@ class Benchmarks:
 
 def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str, batch_size: int,
                limit: int | None, max_new_tokens: int | None, out: Path | None = None,
-               on_start=None, on_done=None) -> Benchmarks:
+               on_start=None, on_done=None, trust_remote_code: bool = False) -> Benchmarks:
     """Generate and score every task in `task_spec`; write <out>/<task>.jsonl and summary.json.
 
     Args:
@@ -365,7 +368,7 @@ def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str,
     out = results_folder(model, protocol, out)
     check_writable(out, "the results folder")
     started = time.perf_counter()
-    loaded, tokenizer, description, _ = load_model(model)
+    loaded, tokenizer, description, _ = load_model(model, trust_remote_code=trust_remote_code)
     results = [evaluate_task(loaded, tokenizer, task, data_dir, protocol, batch_size, limit, max_new_tokens,
                              on_start, on_done) for task in chosen]
     summary = write_results(out, results, protocol, description, time.perf_counter() - started)
@@ -378,7 +381,7 @@ def data_name(data: str) -> str:
 
 
 def loss(model: str, data: str, batch_size: int, limit: int | None,
-         json_path: Path | None = None) -> tuple[str, dict, Path | None]:
+         json_path: Path | None = None, trust_remote_code: bool = False) -> tuple[str, dict, Path | None]:
     """`--task loss`: (what was loaded, `mean_loss`'s figures, the JSON written or None).
 
     The JSON goes to `json_path`; without it, a run's result is kept in the run
@@ -396,7 +399,7 @@ def loss(model: str, data: str, batch_size: int, limit: int | None,
     if json_path is None and rundir.run_of(Path(model)) is not None:
         json_path = results_folder(model, "loss") / f"{data_name(data)}.json"
         check_output_file(json_path, "the loss result")
-    loaded, tokenizer, description, config = load_model(model)
+    loaded, tokenizer, description, config = load_model(model, trust_remote_code=trust_remote_code)
     result = mean_loss(loaded, tokenizer, data, config, batch_size, limit)
     if json_path is not None:
         write_json(json_path, result)
