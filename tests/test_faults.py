@@ -319,6 +319,36 @@ def refused_pickle(path: Path) -> None:
     torch.save({"python": pathlib.PurePosixPath("x")}, path)
 
 
+def data_with(records, name="data.json"):
+    """train on a data file of `records`."""
+    def setup(ws, tmp):
+        data = tmp / name
+        data.write_text(json.dumps(records))
+        return ["train", recipe_with(ws, tmp, data={"train_file": str(data)})], [str(data)]
+    return setup
+
+
+def recipe_text(text: str, *fragments):
+    def setup(ws, tmp):
+        path = tmp / "recipe.yaml"
+        path.write_text(text.replace("BASE", str(ws["base"])).replace("DATA", str(ws["data"])))
+        return ["train", path], [str(path), *fragments]
+    return setup
+
+
+LAUGHS = "".join(f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n" for i in range(10))
+
+
+def unfinished_run(command: str):
+    def setup(ws, tmp):
+        run = run_copy(ws, tmp)
+        shutil.rmtree(run / "adapter")
+        argv = {"eval": ["eval", run, "--task", "svamp"], "merge": ["merge", run, "--out", tmp / "m"],
+                "chat": ["chat", run, "--prompt", "Hi"]}[command]
+        return argv, [f"{run} is an unfinished run", f"sara train {run / 'recipe.yaml'}", str(run / "checkpoint-1")]
+    return setup
+
+
 CASES = {
     # analyze
     "analyze-missing-folder": lambda ws, tmp: (["analyze", tmp / "nowhere"], [str(tmp / "nowhere"), "does not exist"]),
@@ -405,6 +435,21 @@ CASES = {
     "train-resume-junk-trainer-state": resume_damaged("trainer_state.json", lambda p: p.write_text("{"),
                                                       "is not valid JSON"),
     "train-resume-truncated-adapter": resume_damaged("adapter_model.safetensors", truncate, ""),
+    # the remaining holes in input checks
+    "train-data-is-a-folder": lambda ws, tmp: (
+        ["train", recipe_with(ws, tmp, data={"train_file": str(ws["root"])})], [f"data file {ws['root']} is a folder", ".json"]),
+    "eval-loss-data-is-a-folder": lambda ws, tmp: (
+        ["eval", ws["runs"]["sara"], "--task", "loss", "--data", tmp], [f"--data {tmp} is a folder"]),
+    "train-output-is-a-list": data_with([{"instruction": "7?", "input": "", "output": ["7"]}] * 4),
+    "train-instruction-is-a-mapping": data_with([{"instruction": {"q": "7?"}, "input": "", "output": "7"}] * 4),
+    "train-yaml-key-twice": recipe_text("model: {name_or_path: BASE}\nadapter:\n  tau: 0.3\n  tau: 0.9\n"
+                                        "data: {train_file: DATA}\n", "key 'tau' is given twice",
+                                        "line 3 and line 4"),
+    "train-yaml-billion-laughs": recipe_text("model: {name_or_path: BASE}\nadapter:\n  targets:\n" + LAUGHS,
+                                             "expands to more than 100,000 values", "aliases"),
+    "eval-unfinished-run": unfinished_run("eval"),
+    "merge-unfinished-run": unfinished_run("merge"),
+    "chat-unfinished-run": unfinished_run("chat"),
     # eval
     "eval-unknown-task": eval_args("RUN", "--task", "gsm9k", fragments=["'gsm9k'", "gsm8k"]),
     "eval-bad-protocol": eval_args("RUN", "--task", "svamp", "--protocol", "slow", fragments=["--protocol", "'slow'"]),
@@ -427,7 +472,7 @@ CASES = {
 
 def test_the_cases_cover_every_command_forty_times_over():
     commands = {name.split("-")[0] for name in CASES}
-    assert commands == {"analyze", "train", "merge", "eval", "route"} and len(CASES) >= 40
+    assert commands == {"analyze", "train", "merge", "eval", "route", "chat"} and len(CASES) >= 40
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -572,3 +617,17 @@ def test_asked_to_the_folders_code_runs(custom_code_base, tmp_path):
     result = run_cli("chat", folder, "--prompt", "Hi", "--max-new-tokens", "2", "--trust-remote-code")
     assert result.exit_code == 0, result.output
     assert marker.read_text() == "ran"
+
+
+def test_a_billion_laughs_recipe_is_refused_within_a_second(tmp_path):
+    import time
+
+    from sara_cli.errors import SaraError
+    from sara_cli.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {name_or_path: m}\nadapter:\n  targets:\n" + LAUGHS)
+    started = time.perf_counter()
+    with pytest.raises(SaraError, match="expands to more than"):
+        load_recipe(path)
+    assert time.perf_counter() - started < 1.0

@@ -340,12 +340,17 @@ def chat(
 
 
 def _stream_answer(session, message: str) -> None:
+    answer = ""
     try:
         for piece in session.reply(message):
+            answer += piece
             console.out(piece, end="", highlight=False)
     except KeyboardInterrupt:
         console.out(" [stopped]", end="", highlight=False)
     console.out("")
+    if not answer.strip():
+        err_console.print(f"(the model produced no visible text: {session.generated_tokens} token(s) generated, "
+                          "all whitespace or special tokens)", highlight=False)
     if session.dropped_turns:
         err_console.print(f"(the {session.dropped_turns} oldest exchange(s) were left out to fit the model's "
                           f"{session.context_length()}-token context)", highlight=False)

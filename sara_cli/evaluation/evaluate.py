@@ -66,6 +66,8 @@ def load_model(reference: str, device: str | None = None, trust_remote_code: boo
     if path.is_dir() and not (path / "config.json").is_file():
         try:
             adapter_dir = checkpoint.find_adapter_dir(path)
+        except checkpoint.UnfinishedRun:
+            raise
         except SaraError:
             raise SaraError(f"{path} is neither a model checkpoint (no config.json) nor a sara run "
                             "(no adapter/sara_config.json); give a merged model, a run folder or a "
