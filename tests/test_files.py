@@ -93,3 +93,14 @@ def test_library_messages_of_a_full_disk_are_recognised_and_others_are_not(tmp_p
     assert no_space(OSError(13, "Permission denied")) is None
     # torch.save's stream error alone says nothing: with plenty of room it is some other failure.
     assert no_space(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5 vs 3"), tmp_path) is None
+
+
+def test_an_unwritable_folder_is_named_with_the_path_the_user_gave(tmp_path, monkeypatch):
+    """(As root every folder is writable, so the refusal is simulated through os.access.)"""
+    from sara_cli.files import check_output_file, check_writable
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(SaraError, match=f"cannot write --json {tmp_path / 'k.json'}: its folder {tmp_path} is not writable"):
+        check_output_file(tmp_path / "k.json", "--json")
+    with pytest.raises(SaraError, match=f"cannot write --out {tmp_path / 'merged'}: its folder {tmp_path} is not"):
+        check_writable(tmp_path, "--out", given=tmp_path / "merged")
