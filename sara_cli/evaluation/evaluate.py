@@ -190,7 +190,9 @@ def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int,
     train_on_inputs = settings.get("train_on_inputs")
     tokenize = Tokenize(tokenizer, template, settings.get("cutoff_len", 512),
                         template != "chat" if train_on_inputs is None else train_on_inputs,
-                        settings.get("loss_on"), fmt, tags)
+                        settings.get("loss_on"), fmt, tags,
+                        # a run recorded before data.tokenize existed was tokenized jointly
+                        joint=settings.get("tokenize", "joint" if config else "split") == "joint")
     features = [tokenize(dict(r)) for r in records]
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt", padding=True)
