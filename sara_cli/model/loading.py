@@ -129,6 +129,30 @@ def recorded_model_section(recorded: dict, base: str | None = None, dtype: str |
                         load_in_4bit=quantized == "4bit", load_in_8bit=quantized == "8bit")
 
 
+def skeleton(model_dir: Path):
+    """The model `model_dir`'s config describes, on the meta device: its modules and parameter
+    shapes, with no weights read or memory allocated. `sara analyze` resolves targets on it, so
+    it selects what `sara train` wraps.
+
+    Raises:
+        SaraError: transformers cannot build the model from its config (an unknown architecture,
+            or one that needs its own code, which analyze never runs).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        refused = remote_code_error(model_dir, exc, "analyze reads weights only and never runs it; "
+                                    "give the recipe's targets by the names train reports")
+        raise refused or SaraError(f"cannot build model {model_dir} from its config.json "
+                                   f"({str(exc).splitlines()[0]}); check that transformers knows its "
+                                   "architecture") from None
+
+
 def load_checkpoint(reference: str | Path, dtype: str = "auto", device: str | None = None,
                     trust_remote_code: bool = False, setting: str = FLAG_SETTING):
     """A plain checkpoint through transformers alone, as a user would load it: a merged model or

@@ -134,6 +134,16 @@ def what_is_left(output_dir: Path) -> str:
     return "no checkpoint was complete yet: a rerun starts from the beginning"
 
 
+def report_left_out(recipe, model, reporter) -> None:
+    """With all-linear, name the weights no target reaches (MoE experts, routers) and why."""
+    from sara_cli.adapters.inject import ALL_LINEAR, left_out, parse_targets
+
+    left = left_out(model) if parse_targets(recipe.adapter.targets) == [ALL_LINEAR] else []
+    if left and is_main_process():
+        reporter.notice(f"all-linear left out (not linear layers; sara adapts nn.Linear layers only): "
+                        f"{'; '.join(left)}")
+
+
 def train_inputs(recipe) -> list[tuple[str, Path]]:
     """(label, path) of the local files and folders a run reads: the base, the data files, the
     spectrum cache. A built-in or hub reference is resolved later, inside caches of its own."""
@@ -179,6 +189,7 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
     model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
     if reporter:
         reporter.built(recipe, model, layers, meta)
+        report_left_out(recipe, model, reporter)
     data = tokenize_split(records, recipe.data, tokenizer, recipe.train.seed)  # a dry run checks data too
     train_set, eval_set = data.train, data.evaluation
     if reporter and is_main_process():
