@@ -589,10 +589,11 @@ def custom_code_base(workspace, tmp_path_factory) -> tuple[Path, Path]:
     return folder, marker
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "chat"])
+@pytest.mark.parametrize("command", ["train", "eval", "chat", "analyze"])
 def test_a_model_folders_own_code_never_runs_unasked(command, custom_code_base, workspace, tmp_path):
     folder, marker = custom_code_base
     argv, setting = {
+        "analyze": (["analyze", folder], "sara analyze never runs a model's code"),
         "train": (["train", recipe_with(workspace, tmp_path, model={"name_or_path": str(folder)})],
                   "model.trust_remote_code: true"),
         "eval": (["eval", folder, "--task", "svamp", "--limit", "1", "--out", tmp_path / "results"],

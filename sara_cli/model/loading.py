@@ -146,9 +146,12 @@ def skeleton(model_dir: Path):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        refused = remote_code_error(model_dir, exc, "analyze reads weights only and never runs it; "
-                                    "give the recipe's targets by the names train reports")
-        raise refused or SaraError(f"cannot build model {model_dir} from its config.json "
+        if remote_code_error(model_dir, exc, "") is not None:
+            raise SaraError(f"model {model_dir} needs its own Python code (auto_map in its config) to be "
+                            "built, and sara analyze never runs a model's code; train it with "
+                            "model.trust_remote_code: true (only for code you trust) and read its targets "
+                            "from the run") from None
+        raise SaraError(f"cannot build model {model_dir} from its config.json "
                                    f"({str(exc).splitlines()[0]}); check that transformers knows its "
                                    "architecture") from None
 
