@@ -777,3 +777,13 @@ def test_nothing_to_learn_is_an_error(tmp_path, tokenizer):
     path = write_json(tmp_path / "long.json", records(3))
     with pytest.raises(SaraError, match=r"no training record keeps a target token within data\.cutoff_len 8"):
         prepare(DataSection(train_file=str(path), cutoff_len=8, train_on_inputs=False), tokenizer, seed=0)
+
+
+def test_a_run_recorded_before_data_tokenize_resumes_only_as_joint():
+    """Its ids were built from the joined text: resuming with split would change the run."""
+    from sara_cli.training.rundir import changed_settings
+
+    before = {"data": {"template": "alpaca", "cutoff_len": 64}}
+    assert changed_settings(before, {"data": {**before["data"], "tokenize": "split"}}) == [
+        "data.tokenize: joint -> split"]
+    assert changed_settings(before, {"data": {**before["data"], "tokenize": "joint"}}) == []

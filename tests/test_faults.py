@@ -1,4 +1,5 @@
-"""Faults across all five commands: damaged files, bad options, bad recipes, busy folders.
+"""Faults across every command: damaged files, bad options, bad recipes, busy folders, outputs
+over inputs, damaged checkpoints, a full disk, a model folder's own code (docs/files.md).
 
 Every case runs the real command (Typer's runner) and asserts that it exits with code 2, prints
 one `error:` line and no traceback, names the file, option or key at fault, and changes nothing

@@ -189,6 +189,8 @@ def changed_settings(before: dict, after: dict) -> list[str]:
     changes = []
     for section in ("model", "adapter", "data", "train"):
         old, new = _without_none(before.get(section)) or {}, _without_none(after.get(section)) or {}
+        if section == "data" and old and "tokenize" not in old:
+            old = {**old, "tokenize": "joint"}  # how runs recorded before data.tokenize were tokenized
         for key in [*new, *(k for k in old if k not in new)]:
             if section == "train" and key in RESULT_NEUTRAL:
                 continue
