@@ -100,8 +100,13 @@ def _unreadable(path: Path) -> str | None:
     from transformers.trainer_pt_utils import safe_globals
 
     try:
-        with safe_globals():
-            torch.load(path, map_location="cpu", weights_only=True)
+        with safe_globals():  # mmap: an optimizer state of gigabytes is checked without copying it
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):  # a legacy (non-zip) file cannot be mapped: read it
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         return "it holds Python objects that torch.load(weights_only=True) refuses to unpickle"
     except Exception as exc:  # truncated zip, I/O error: any of them means "not this one"
