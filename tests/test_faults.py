@@ -329,6 +329,14 @@ def data_with(records, name="data.json"):
     return setup
 
 
+def train_into_a_folder_of_other_files(ws, tmp):
+    folder = tmp / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    return ["train", recipe_with(ws, tmp, train={"output_dir": str(folder)})], [
+        f"train.output_dir {folder} already holds files that are not a sara run (notes.txt)", "--overwrite"]
+
+
 def recipe_text(text: str, *fragments):
     def setup(ws, tmp):
         path = tmp / "recipe.yaml"
@@ -427,6 +435,7 @@ CASES = {
     "route-map-out-is-the-adapter": lambda ws, tmp: (
         ["route-map", ws["runs"]["mosara"], "--task", "svamp", "--out", ws["runs"]["mosara"] / "adapter"],
         ["--out", "is the adapter"]),
+    "train-output-holds-other-files": train_into_a_folder_of_other_files,
     # a resume continues exactly as the run would have gone on, or is refused
     "train-resume-without-optimizer": resume_damaged("optimizer.pt", Path.unlink, "is missing"),
     "train-resume-without-scheduler": resume_damaged("scheduler.pt", Path.unlink, "is missing"),

@@ -167,6 +167,12 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
     if finished:
         raise SaraError(f"{output_dir} holds a finished run; pass --overwrite to train again, or "
                         "choose another train.output_dir")
+    others = foreign_entries(output_dir)
+    if others and not checkpoints and not overwrite:
+        shown = ", ".join(p.name for p in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise SaraError(f"train.output_dir {output_dir} already holds files that are not a sara run "
+                        f"({shown}); choose a new or empty folder, or pass --overwrite to train there "
+                        "(those files are kept)")
     if checkpoints and not resume:
         raise SaraError(f"{output_dir} holds checkpoints and --no-resume was given; pass --overwrite "
                         "to start over, or drop --no-resume to continue")
