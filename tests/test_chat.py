@@ -174,3 +174,23 @@ def test_bad_chat_options_are_one_line_errors(trained_mosara_run, tmp_path):
                    "--system", "alpaca")
     (tmp_path / "notes.txt").write_text("not a model")
     one_line_error(run_cli("chat", tmp_path, "--prompt", "x"), "neither a model checkpoint")
+
+
+def test_an_answer_of_only_whitespace_is_named_with_its_token_count(monkeypatch):
+    """A model that generates only whitespace (or special tokens) would print a blank line; the
+    command says so instead. The session is a stand-in: what is checked is the command's report."""
+    from sara_cli.evaluation import chat
+
+    class Blank:
+        generated_tokens = 0
+        dropped_turns = 0
+
+        def reply(self, message):
+            for piece in ("\n", "   ", "\n"):
+                self.generated_tokens += 1
+                yield piece
+
+    monkeypatch.setattr(chat, "open_session", lambda *args, **kwargs: (Blank(), "a blank model"))
+    result = run_cli("chat", "anything", "--prompt", MESSAGE)
+    assert result.exit_code == 0, result.output
+    assert "(the model produced no visible text: 3 token(s) generated" in result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_line_error
-from sara_cli.data.dataset import Tokenize, alpaca_prompt, check_records, load_records, prepare
+from sara_cli.data.dataset import Tokenize, alpaca_prompt, check_records, load_records, plain_prompt, prepare
 from sara_cli.errors import SaraError
 from sara_cli.recipe import DataSection
 
@@ -121,26 +121,66 @@ def test_chat_template_missing_is_an_error(tokenizer):
 
 # -- tokenization ----------------------------------------------------------------------------------
 
-def test_eos_appended_when_there_is_room(tokenizer):
+def split_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """The prompt's ids (BOS included), then the answer's, each tokenized on its own."""
+    return tokenizer(prompt)["input_ids"] + tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_eos_appended_when_there_is_room(tokenizer, joint):
     record = {"instruction": "Add 2 and 3.", "output": "The answer is 5"}
-    row = Tokenize(tokenizer, "alpaca", 256, True)(record)
-    expected = tokenizer(ALPACA_NO_INPUT)["input_ids"] + [tokenizer.eos_token_id]
+    row = Tokenize(tokenizer, "alpaca", 256, True, joint=joint)(record)
+    text = (tokenizer(ALPACA_NO_INPUT)["input_ids"] if joint
+            else split_ids(tokenizer, alpaca_prompt("Add 2 and 3."), "The answer is 5"))
+    expected = text + [tokenizer.eos_token_id]
     assert row["input_ids"] == expected
     assert row["input_ids"][0] == tokenizer.bos_token_id
     assert row["attention_mask"] == [1] * len(expected)
     # Exactly one token of room: EOS still fits and fills it.
-    exact = Tokenize(tokenizer, "alpaca", len(expected), True)(record)
+    exact = Tokenize(tokenizer, "alpaca", len(expected), True, joint=joint)(record)
     assert exact["input_ids"] == expected
 
 
-def test_no_eos_when_truncated_at_cutoff(tokenizer):
+@pytest.mark.parametrize("joint", [False, True])
+def test_no_eos_when_truncated_at_cutoff(tokenizer, joint):
     record = {"instruction": "Add 2 and 3.", "output": "The answer is 5"}
-    full = tokenizer(ALPACA_NO_INPUT)["input_ids"]
+    full = (tokenizer(ALPACA_NO_INPUT)["input_ids"] if joint
+            else split_ids(tokenizer, alpaca_prompt("Add 2 and 3."), "The answer is 5"))
     for cutoff in (16, len(full)):  # cut mid-text, and cut exactly at the text's end
-        row = Tokenize(tokenizer, "alpaca", cutoff, True)(record)
+        row = Tokenize(tokenizer, "alpaca", cutoff, True, joint=joint)(record)
         assert row["input_ids"] == full[:cutoff]
         assert row["input_ids"][-1] != tokenizer.eos_token_id
         assert len(row["labels"]) == cutoff
+
+
+def test_joint_tokenization_merges_the_prompts_last_token_with_the_answer(tokenizer):
+    """Why split is the default: tokenized as one string, the prompt's closing newline-and-16-
+    spaces token is not what the training text holds, so no training example shows the model the
+    token every generation starts on."""
+    prompt = alpaca_prompt("Add 2 and 3.")
+    joint = tokenizer(ALPACA_NO_INPUT)["input_ids"]
+    alone = tokenizer(prompt)["input_ids"]
+    assert joint[:len(alone)] != alone
+
+
+@pytest.mark.parametrize("template", ["alpaca", "plain", "chat"])
+@pytest.mark.parametrize("record", [{"instruction": "Add 2 and 3.", "output": "The answer is 5"},
+                                    {"instruction": "Add the numbers.", "input": "2 and 3", "output": " 5\n"}])
+def test_training_ids_start_with_exactly_what_generation_is_fed(tokenizer, template, record):
+    """For each template, the ids sara chat feeds the model for a message (and the masked prompt
+    of the training example) are exactly the start of the training ids, which go on past them."""
+    from sara_cli.data.prompts import render
+
+    row = Tokenize(tokenizer, template, 256, False)(record)
+    message = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    if template == "chat":  # chat feeds the rendered conversation, whose template writes BOS
+        prompt = render(tokenizer, [{"role": "user", "content": message}], generation_prompt=True)
+        fed = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        prompt = (alpaca_prompt if template == "alpaca" else plain_prompt)(record["instruction"], record.get("input", ""))
+        fed = tokenizer(prompt)["input_ids"]
+    assert row["input_ids"][:len(fed)] == fed and len(row["input_ids"]) > len(fed)
+    assert row["labels"][:len(fed)] == [-100] * len(fed) and row["labels"][len(fed)] != -100
 
 
 def test_labels_mask_exactly_the_prompt(tokenizer):
@@ -737,3 +777,13 @@ def test_nothing_to_learn_is_an_error(tmp_path, tokenizer):
     path = write_json(tmp_path / "long.json", records(3))
     with pytest.raises(SaraError, match=r"no training record keeps a target token within data\.cutoff_len 8"):
         prepare(DataSection(train_file=str(path), cutoff_len=8, train_on_inputs=False), tokenizer, seed=0)
+
+
+def test_a_run_recorded_before_data_tokenize_resumes_only_as_joint():
+    """Its ids were built from the joined text: resuming with split would change the run."""
+    from sara_cli.training.rundir import changed_settings
+
+    before = {"data": {"template": "alpaca", "cutoff_len": 64}}
+    assert changed_settings(before, {"data": {**before["data"], "tokenize": "split"}}) == [
+        "data.tokenize: joint -> split"]
+    assert changed_settings(before, {"data": {**before["data"], "tokenize": "joint"}}) == []

@@ -258,13 +258,14 @@ def test_llm_adapters_protocol_is_one_by_one_with_four_beams(llama_dir, tmp_path
 
 
 def reference_loss(model, tokenizer, records, mask_prompt: bool) -> tuple[float, int]:
-    """Mean next-token cross-entropy in float64, one record at a time (no padding at all)."""
+    """Mean next-token cross-entropy in float64, one record at a time (no padding at all), on the
+    prompt's ids followed by the answer's (data.tokenize: split, the default)."""
     from sara_cli.data.dataset import alpaca_prompt
 
     total, count = 0.0, 0
     for r in records:
         prompt_ids = tokenizer(alpaca_prompt(r["instruction"], r["input"]))["input_ids"]
-        ids = tokenizer(alpaca_prompt(r["instruction"], r["input"], r["output"]))["input_ids"]
+        ids = prompt_ids + tokenizer(r["output"], add_special_tokens=False)["input_ids"]
         ids = ids + [tokenizer.eos_token_id]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0].double()  # (T, V)

@@ -1,4 +1,5 @@
-"""Faults across all five commands: damaged files, bad options, bad recipes, busy folders.
+"""Faults across every command: damaged files, bad options, bad recipes, busy folders, outputs
+over inputs, damaged checkpoints, a full disk, a model folder's own code (docs/files.md).
 
 Every case runs the real command (Typer's runner) and asserts that it exits with code 2, prints
 one `error:` line and no traceback, names the file, option or key at fault, and changes nothing
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import one_line_error, run_cli
@@ -264,6 +266,98 @@ def adapter_config_junk(run: Path) -> None:
     (run / "adapter" / "sara_config.json").write_text('{"method": "sara",')
 
 
+def overlap_train(output: str, fragments):
+    """train with train.output_dir set to the base, or to a folder holding its data file."""
+    def setup(ws, tmp):
+        if output == "base":
+            return ["train", recipe_with(ws, tmp, train={"output_dir": str(ws["base"])}), "--overwrite"], [
+                "train.output_dir", str(ws["base"]), *fragments]
+        data = tmp / "mine" / "data.json"
+        data.parent.mkdir()
+        shutil.copy(ws["data"], data)
+        recipe = recipe_with(ws, tmp, data={"train_file": str(data)}, train={"output_dir": str(data.parent)})
+        return ["train", recipe], ["train.output_dir", str(data), *fragments]
+    return setup
+
+
+def merge_into_a_link_to_the_base(ws, tmp):
+    (tmp / "link").symlink_to(ws["base"], target_is_directory=True)
+    return ["merge", ws["runs"]["sara"], "--out", tmp / "link", "--overwrite"], [
+        str(tmp / "link"), "is the base model", str(ws["base"])]
+
+
+def eval_json_onto_predictions(ws, tmp):
+    predictions = tmp / "p.jsonl"
+    predictions.write_text(json.dumps({"output": "The answer is 2", "answer": "2"}) + "\n")
+    return ["eval", "--task", "svamp", "--score", predictions, "--json", predictions], [
+        "--json", "is the predictions file", str(predictions)]
+
+
+def eval_out_holds_the_test_set(ws, tmp):
+    test = tmp / "mine" / "svamp.json"
+    test.parent.mkdir()
+    test.write_text(json.dumps([{"instruction": "1 + 1?", "answer": "2"}]))
+    return ["eval", ws["base"], "--task", test, "--out", test.parent], [f"--out {test.parent} contains", str(test)]
+
+
+def resume_damaged(name: str, damage, why: str):
+    """train resumes a run stopped after checkpoint-1 whose file `name` was damaged by `damage`."""
+    def setup(ws, tmp):
+        run = run_copy(ws, tmp)
+        shutil.rmtree(run / "adapter")  # as if stopped after its checkpoint
+        damage(run / "checkpoint-1" / name)
+        return ["train", recipe_with(ws, tmp, train={"output_dir": str(run)})], [
+            f"{run / 'checkpoint-1' / name} {why}", "no earlier checkpoint is complete", "--overwrite"]
+    return setup
+
+
+def refused_pickle(path: Path) -> None:
+    """An RNG state that torch.load(weights_only=True) refuses: it pickles a class."""
+    import pathlib
+
+    import torch
+
+    torch.save({"python": pathlib.PurePosixPath("x")}, path)
+
+
+def data_with(records, name="data.json"):
+    """train on a data file of `records`."""
+    def setup(ws, tmp):
+        data = tmp / name
+        data.write_text(json.dumps(records))
+        return ["train", recipe_with(ws, tmp, data={"train_file": str(data)})], [str(data)]
+    return setup
+
+
+def train_into_a_folder_of_other_files(ws, tmp):
+    folder = tmp / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    return ["train", recipe_with(ws, tmp, train={"output_dir": str(folder)})], [
+        f"train.output_dir {folder} already holds files that are not a sara run (notes.txt)", "--overwrite"]
+
+
+def recipe_text(text: str, *fragments):
+    def setup(ws, tmp):
+        path = tmp / "recipe.yaml"
+        path.write_text(text.replace("BASE", str(ws["base"])).replace("DATA", str(ws["data"])))
+        return ["train", path], [str(path), *fragments]
+    return setup
+
+
+LAUGHS = "".join(f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n" for i in range(10))
+
+
+def unfinished_run(command: str):
+    def setup(ws, tmp):
+        run = run_copy(ws, tmp)
+        shutil.rmtree(run / "adapter")
+        argv = {"eval": ["eval", run, "--task", "svamp"], "merge": ["merge", run, "--out", tmp / "m"],
+                "chat": ["chat", run, "--prompt", "Hi"]}[command]
+        return argv, [f"{run} is an unfinished run", f"sara train {run / 'recipe.yaml'}", str(run / "checkpoint-1")]
+    return setup
+
+
 CASES = {
     # analyze
     "analyze-missing-folder": lambda ws, tmp: (["analyze", tmp / "nowhere"], [str(tmp / "nowhere"), "does not exist"]),
@@ -316,6 +410,56 @@ CASES = {
     "merge-mosara-without-routing": merge_args(fragments=["--routing mean", "--calibration"], method="mosara"),
     "merge-missing-calibration": merge_args("--routing", "mean", "--calibration", "gone.json",
                                             fragments=["gone.json", "does not exist"], method="mosara"),
+    # outputs never overwrite inputs (--overwrite included)
+    "merge-out-is-the-base": lambda ws, tmp: (["merge", ws["runs"]["sara"], "--out", ws["base"], "--overwrite"],
+                                              [f"--out {ws['base']} is the base model", "choose another path"]),
+    "merge-out-is-the-run": lambda ws, tmp: (["merge", ws["runs"]["sara"], "--out", ws["runs"]["sara"], "--overwrite"],
+                                             [str(ws["runs"]["sara"]), "is a run folder"]),
+    "merge-out-holds-the-run": lambda ws, tmp: (["merge", ws["runs"]["sara"], "--out", ws["root"], "--overwrite"],
+                                                [f"--out {ws['root']} contains the adapter"]),
+    "merge-out-is-a-link-to-the-base": merge_into_a_link_to_the_base,
+    "merge-export-into-the-adapter": lambda ws, tmp: (
+        ["merge", ws["runs"]["sara"], "--format", "peft-lora", "--out", ws["runs"]["sara"] / "adapter" / "lora"],
+        ["--out", "lies inside", "adapter"]),
+    "train-output-is-the-base": overlap_train("base", ["is the base model"]),
+    "train-output-holds-the-data": overlap_train("data", ["contains the data file"]),
+    "eval-json-is-the-predictions": eval_json_onto_predictions,
+    "eval-json-is-the-data": lambda ws, tmp: (["eval", ws["runs"]["sara"], "--task", "loss", "--data", ws["data"],
+                                               "--json", ws["data"]], [f"--json {ws['data']} is the data file"]),
+    "eval-out-is-the-base": lambda ws, tmp: (["eval", ws["runs"]["sara"], "--task", "svamp", "--out", ws["base"]],
+                                             [f"--out {ws['base']} is the run's base model"]),
+    "eval-out-holds-the-test-set": eval_out_holds_the_test_set,
+    "analyze-json-onto-the-weights": lambda ws, tmp: (
+        ["analyze", ws["base"], "--json", ws["base"] / "model.safetensors"],
+        ["--json", "lies inside the model", str(ws["base"])]),
+    "route-map-out-is-the-adapter": lambda ws, tmp: (
+        ["route-map", ws["runs"]["mosara"], "--task", "svamp", "--out", ws["runs"]["mosara"] / "adapter"],
+        ["--out", "is the adapter"]),
+    "train-output-holds-other-files": train_into_a_folder_of_other_files,
+    # a resume continues exactly as the run would have gone on, or is refused
+    "train-resume-without-optimizer": resume_damaged("optimizer.pt", Path.unlink, "is missing"),
+    "train-resume-without-scheduler": resume_damaged("scheduler.pt", Path.unlink, "is missing"),
+    "train-resume-without-rng-state": resume_damaged("rng_state.pth", Path.unlink, "is missing"),
+    "train-resume-truncated-optimizer": resume_damaged("optimizer.pt", truncate, "cannot be read"),
+    "train-resume-refused-rng-state": resume_damaged("rng_state.pth", refused_pickle, "cannot be read"),
+    "train-resume-junk-trainer-state": resume_damaged("trainer_state.json", lambda p: p.write_text("{"),
+                                                      "is not valid JSON"),
+    "train-resume-truncated-adapter": resume_damaged("adapter_model.safetensors", truncate, ""),
+    # the remaining holes in input checks
+    "train-data-is-a-folder": lambda ws, tmp: (
+        ["train", recipe_with(ws, tmp, data={"train_file": str(ws["root"])})], [f"data file {ws['root']} is a folder", ".json"]),
+    "eval-loss-data-is-a-folder": lambda ws, tmp: (
+        ["eval", ws["runs"]["sara"], "--task", "loss", "--data", tmp], [f"--data {tmp} is a folder"]),
+    "train-output-is-a-list": data_with([{"instruction": "7?", "input": "", "output": ["7"]}] * 4),
+    "train-instruction-is-a-mapping": data_with([{"instruction": {"q": "7?"}, "input": "", "output": "7"}] * 4),
+    "train-yaml-key-twice": recipe_text("model: {name_or_path: BASE}\nadapter:\n  tau: 0.3\n  tau: 0.9\n"
+                                        "data: {train_file: DATA}\n", "key 'tau' is given twice",
+                                        "line 3 and line 4"),
+    "train-yaml-billion-laughs": recipe_text("model: {name_or_path: BASE}\nadapter:\n  targets:\n" + LAUGHS,
+                                             "expands to more than 100,000 values", "aliases"),
+    "eval-unfinished-run": unfinished_run("eval"),
+    "merge-unfinished-run": unfinished_run("merge"),
+    "chat-unfinished-run": unfinished_run("chat"),
     # eval
     "eval-unknown-task": eval_args("RUN", "--task", "gsm9k", fragments=["'gsm9k'", "gsm8k"]),
     "eval-bad-protocol": eval_args("RUN", "--task", "svamp", "--protocol", "slow", fragments=["--protocol", "'slow'"]),
@@ -338,7 +482,7 @@ CASES = {
 
 def test_the_cases_cover_every_command_forty_times_over():
     commands = {name.split("-")[0] for name in CASES}
-    assert commands == {"analyze", "train", "merge", "eval", "route"} and len(CASES) >= 40
+    assert commands == {"analyze", "train", "merge", "eval", "route", "chat"} and len(CASES) >= 40
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -356,3 +500,145 @@ def test_fault(name, workspace, tmp_path, monkeypatch):
     line = one_line_error(result, *map(str, fragments), stdout_empty=False)
     assert result.exit_code == 2, line
     assert snapshot(workspace["root"], tmp_path) == before, "a file the user had was changed"
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_the_resume_is_exact(workspace, tmp_path):
+    """Two steps, a checkpoint after each; checkpoint-2 loses its optimizer state. The resume
+    says so, continues from checkpoint-1, and ends with the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    def recipe(out: Path) -> Path:
+        return write_recipe(tmp_path / f"{out.name}.yaml", workspace["base"], workspace["data"], out,
+                            {"method": "sara", "tau": 0.5})
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli("train", recipe(whole), "train.max_steps=2").exit_code == 0
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "checkpoint-2" / "optimizer.pt").unlink()
+    result = run_cli("train", recipe(resumed), "train.max_steps=2")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"checkpoint-2 cannot be resumed exactly ({resumed / 'checkpoint-2' / 'optimizer.pt'} is missing)" in said
+    assert "resuming from checkpoint-1" in said
+    expected = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+# -- a full disk is an ordinary error ---------------------------------------------------------------
+
+NO_SPACE = {
+    "oserror": lambda: OSError(28, "No space left on device"),
+    # torch.save on a full disk: a RuntimeError without errno, recognised by the free space left.
+    "torch-save": lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NO_SPACE))
+def test_a_full_disk_while_training_names_the_checkpoint_to_resume_from(kind, workspace, tmp_path, monkeypatch):
+    import sara_cli.files
+    from sara_cli.training.trainer import SaraTrainer
+
+    save = SaraTrainer._save_optimizer_and_scheduler
+
+    def fill_up(self, output_dir):
+        if self.state.global_step == 2:
+            (Path(output_dir) / "optimizer.pt").write_bytes(b"half")
+            raise NO_SPACE[kind]()
+        return save(self, output_dir)
+
+    monkeypatch.setattr(SaraTrainer, "_save_optimizer_and_scheduler", fill_up)
+    monkeypatch.setattr(sara_cli.files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", workspace["base"], workspace["data"], run, {"method": "sara", "tau": 0.5})
+    result = run_cli("train", recipe, "train.max_steps=3")
+    one_line_error(result, "no space left on the device while writing", "free space or choose another output folder",
+                   f"the last complete checkpoint is {run / 'checkpoint-1'}", "rerun the same command",
+                   stdout_empty=False)
+    assert result.exit_code == 2
+    assert sorted(p.name for p in run.iterdir() if p.name != rundir.LOCK_NAME) == [
+        "checkpoint-1", "recipe.yaml", "trainer_log.jsonl"]  # no half-written checkpoint-2, no staging
+
+
+def test_a_full_disk_while_merging_leaves_nothing_at_out(workspace, tmp_path, monkeypatch):
+    from sara_cli.merging import merge
+
+    def fill_up(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge.ShardWriter, "flush", fill_up)
+    before = snapshot(workspace["root"])
+    result = run_cli("merge", workspace["runs"]["sara"], "--out", tmp_path / "merged")
+    one_line_error(result, f"no space left on the device while writing {tmp_path / 'merged'}",
+                   f"nothing was written at {tmp_path / 'merged'}")
+    assert result.exit_code == 2 and list(tmp_path.iterdir()) == []
+    assert snapshot(workspace["root"]) == before
+
+
+# -- no code from a model folder runs unless asked ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def custom_code_base(workspace, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the tiny Llama whose config names its own model code (auto_map); importing that
+    code writes a marker file. Returns (folder, marker)."""
+    folder = tmp_path_factory.mktemp("custom-code") / "base"
+    shutil.copytree(workspace["base"], folder)
+    marker = folder.parent / "code-ran.txt"
+    (folder / "custom_model.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'sara-test-custom'\n\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="sara-test-custom", auto_map={"AutoConfig": "custom_model.CustomConfig",
+                                                           "AutoModelForCausalLM": "custom_model.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "chat", "analyze"])
+def test_a_model_folders_own_code_never_runs_unasked(command, custom_code_base, workspace, tmp_path):
+    folder, marker = custom_code_base
+    argv, setting = {
+        "analyze": (["analyze", folder], "sara analyze never runs a model's code"),
+        "train": (["train", recipe_with(workspace, tmp_path, model={"name_or_path": str(folder)})],
+                  "model.trust_remote_code: true"),
+        "eval": (["eval", folder, "--task", "svamp", "--limit", "1", "--out", tmp_path / "results"],
+                 "--trust-remote-code"),
+        "chat": (["chat", folder, "--prompt", "Hi"], "--trust-remote-code"),
+    }[command]
+    before = snapshot(folder)
+    result = run_cli(*argv)
+    one_line_error(result, f"model {folder} needs its own Python code", setting, "code you trust",
+                   stdout_empty=False)
+    assert result.exit_code == 2 and not marker.exists()
+    assert snapshot(folder) == before
+
+
+def test_asked_to_the_folders_code_runs(custom_code_base, tmp_path):
+    """The control for the test above: with --trust-remote-code the same folder's code runs."""
+    folder = tmp_path / "base"
+    shutil.copytree(custom_code_base[0], folder)
+    marker = tmp_path / "asked.txt"
+    code = (folder / "custom_model.py").read_text().replace(str(custom_code_base[1]), str(marker))
+    (folder / "custom_model.py").write_text(code)
+    result = run_cli("chat", folder, "--prompt", "Hi", "--max-new-tokens", "2", "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    assert marker.read_text() == "ran"
+
+
+def test_a_billion_laughs_recipe_is_refused_within_a_second(tmp_path):
+    import time
+
+    from sara_cli.errors import SaraError
+    from sara_cli.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {name_or_path: m}\nadapter:\n  targets:\n" + LAUGHS)
+    started = time.perf_counter()
+    with pytest.raises(SaraError, match="expands to more than"):
+        load_recipe(path)
+    assert time.perf_counter() - started < 1.0

@@ -152,18 +152,51 @@ def test_cache_off(llama_dir, cold_cache, decompositions, monkeypatch):
     assert not (cold_cache / "spectra").exists()
 
 
-def test_a_file_changed_in_place_is_decomposed_again(tmp_path, cold_cache, decompositions):
-    """The fingerprint samples three rows; a change elsewhere still invalidates the entries."""
+def test_a_weight_changed_in_place_is_decomposed_again(tmp_path, cold_cache, decompositions):
+    """The fingerprint samples three rows; a change elsewhere, written into the file in place
+    with its size and modification time restored, still invalidates that matrix's entries
+    (and only those: each entry is keyed by its own tensor's content hash)."""
+    import os
+
     model = tiny_llama()
     folder = tmp_path / "base"
     model.save_pretrained(folder)
+    weights = folder / "model.safetensors"
     first = build(tiny_llama(), "sara", CheckpointWeights(folder), tau=0.9)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.q_proj.weight[5].mul_(50.0)  # row 5: not sampled
-    model.save_pretrained(folder)
-    assert CheckpointWeights(folder).fingerprint == CheckpointWeights(folder).fingerprint
+    before = weights.stat()
+    name = "model.layers.0.self_attn.q_proj"
+    _, entry = CheckpointWeights(folder).index[name + ".weight"]
+    length = int.from_bytes(weights.read_bytes()[:8], "little")
+    row = 5 * 64 * 4  # row 5 of a (64, 64) float32 matrix: not a sampled row
+    with open(weights, "r+b") as f:
+        f.seek(8 + length + entry["data_offsets"][0] + row)
+        f.write(np.full(64, 3.0, dtype=np.float32).tobytes())
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
     decompositions.clear()
     second = build(tiny_llama(), "sara", CheckpointWeights(folder), tau=0.9)
-    assert decompositions == ["singular_values"] * 4
-    name = "model.layers.0.self_attn.q_proj"
+    assert decompositions == ["singular_values"]
+    changed = load_file(str(weights))[name + ".weight"].astype(np.float64)
+    s = np.linalg.svd(changed, compute_uv=False)
+    assert second[name].rank() == int(np.searchsorted(np.cumsum(s), 0.9 * s.sum() * (1 - 1e-7))) + 1
     assert second[name].rank() != first[name].rank()
+
+
+def test_a_damaged_cache_entry_is_decomposed_again_and_replaced(llama_dir, cold_cache, decompositions, caplog):
+    """Flipped bytes inside a cached values.safetensors fail its checksum: a miss, logged."""
+    run_cli("analyze", llama_dir, "--tau", "0.5")
+    entry = next(cold_cache.rglob("model.layers.0.self_attn.q_proj.weight/values.safetensors"))
+    raw = bytearray(entry.read_bytes())
+    raw[-9] ^= 0xFF  # inside the last singular value's float64
+    entry.write_bytes(bytes(raw))
+    decompositions.clear()
+    with caplog.at_level("WARNING"):
+        layers = build(tiny_llama(), "sara", CheckpointWeights(llama_dir), tau=0.5)
+    assert decompositions == ["singular_values"]
+    assert any("fails its checksum" in r.getMessage() and str(entry) in r.getMessage() for r in caplog.records)
+    arrays = load_file(str(llama_dir / "model.safetensors"))
+    s = np.linalg.svd(arrays["model.layers.0.self_attn.q_proj.weight"].astype(np.float64), compute_uv=False)
+    assert layers["model.layers.0.self_attn.q_proj"].rank() == int(np.searchsorted(np.cumsum(s), 0.5 * s.sum() * (1 - 1e-7))) + 1
+    decompositions.clear()
+    build(tiny_llama(), "sara", CheckpointWeights(llama_dir), tau=0.5)
+    assert decompositions == []  # the entry was replaced by a sound one

@@ -346,7 +346,7 @@ def test_failure_half_way_leaves_nothing(failure, runs, tmp_path, monkeypatch):
     result = run_cli(runs["sara"], "--out", out, "--max-shard-size", "200KB")
     assert len(calls) == 2
     if isinstance(failure, OSError):
-        one_line_error(result, "No space left on device", str(out))
+        one_line_error(result, f"no space left on the device while writing {out}", f"nothing was written at {out}")
         assert result.exit_code == 2
     else:
         assert result.exit_code == 130

@@ -72,10 +72,15 @@ def save_adapter(model, folder: Path, meta: dict, tensors: dict | None = None) -
     return sum(p.stat().st_size for p in (folder / WEIGHTS_NAME, folder / CONFIG_NAME))
 
 
+class UnfinishedRun(SaraError):
+    """A run folder with checkpoints but no adapter/: stopped, or still training."""
+
+
 def find_adapter_dir(path: Path | str) -> Path:
     """The adapter folder for a run folder, an adapter folder, or a checkpoint folder.
 
     Raises:
+        UnfinishedRun: a run folder with checkpoints but no adapter/ yet.
         SaraError: no sara_config.json there.
     """
     path = Path(path)
@@ -84,6 +89,12 @@ def find_adapter_dir(path: Path | str) -> Path:
     for candidate in (path, path / "adapter"):
         if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
             return candidate
+    saved = sorted((p for p in path.glob("checkpoint-*") if (p / CONFIG_NAME).is_file()),
+                   key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    if saved and not (path / "adapter").exists():
+        raise UnfinishedRun(f"{path} is an unfinished run: it has checkpoints but no adapter/ yet (training "
+                        "was stopped, or is still going); finish it with `sara train "
+                        f"{path / RECIPE_NAME}`, or use a checkpoint, e.g. {saved[-1]}")
     raise SaraError(f"{path} holds no sara adapter ({CONFIG_NAME} + {WEIGHTS_NAME}); give a finished "
                     "run's output folder or its adapter/ folder")
 

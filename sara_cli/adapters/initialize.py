@@ -158,6 +158,7 @@ class CheckpointWeights:
         self.use_cache = use_cache and spectrum_cache.enabled()
         self._fingerprint: str | None = None
         self._cache = None
+        self._digests: dict[str, str] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -172,9 +173,12 @@ class CheckpointWeights:
         return self._cache
 
     def stamp(self, tensor: str) -> str:
-        """Size and modification time of the file holding `tensor` (the cache checks it)."""
-        info = self.index[tensor][0].stat()
-        return f"{info.st_size}:{info.st_mtime_ns}"
+        """sha256 of `tensor`'s stored bytes: a cache entry is used only for exactly these weights
+        (see cache.py for why a content hash and not the file's size and time)."""
+        if tensor not in self._digests:
+            path, entry = self.index[tensor]
+            self._digests[tensor] = hub.tensor_digest(path, entry)
+        return self._digests[tensor]
 
     def tensor_name(self, module: str) -> str | None:
         """The checkpoint tensor holding `module`'s weight, or None when there is no unique one."""

@@ -11,6 +11,8 @@ from sara_cli.adapters.base import QUANTIZED_LAYERS, is_conv1d
 from sara_cli.errors import SaraError
 
 ALL_LINEAR = "all-linear"
+# Attention projections that hold query, key and value in one matrix (GPT-2, Phi-3, GPT-NeoX, MPT).
+FUSED_ATTENTION = ("c_attn", "qkv_proj", "query_key_value", "Wqkv")
 
 
 def parse_targets(targets: str | list[str]) -> list[str]:
@@ -50,9 +52,52 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in candidates):
             existing = sorted({n.split(".")[-1] for n in candidates})
+            unreachable = left_out(model)
+            why = (f"; {', '.join(unreachable)} are not linear layers, which sara leaves out"
+                   if unreachable else "")
+            fused = [name for name in FUSED_ATTENTION if name in existing]
+            if fused and t in ("q_proj", "k_proj", "v_proj"):
+                why += (f"; this model fuses the query, key and value projections into {fused[0]}: "
+                        f"target {fused[0]} (k is then taken over the whole fused matrix, see docs/methods.md)")
             raise SaraError(f"target '{t}' matches no linear layer; this model has: "
-                            f"{', '.join(existing)} (or use all-linear)")
+                            f"{', '.join(existing)} (or use all-linear){why}")
     return matched
+
+
+def left_out(model: nn.Module) -> list[str]:
+    """The weights no target reaches, one entry per kind: parameters of two or more dimensions
+    outside every nn.Linear/Conv1D layer, the embeddings and output head aside. In transformers 5
+    a mixture-of-experts block keeps all its experts in one 3-D tensor per projection, and its
+    router is no nn.Linear: sara adapts neither (see docs/methods.md, targets).
+
+    Returns:
+        e.g. ["mlp.experts.gate_up_proj (3-D, in Qwen3MoeExperts, 2 layers)"].
+    """
+    import re
+
+    reachable = {id(m.weight) for m in model.modules() if _is_linear(m) and getattr(m, "weight", None) is not None}
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        embedding = getattr(model, get, lambda: None)()
+        if embedding is not None and getattr(embedding, "weight", None) is not None:
+            reachable.add(id(embedding.weight))
+    kinds: dict[str, list] = {}
+    for name, param in model.named_parameters():
+        if param.dim() < 2 or id(param) in reachable or is_adapter_parameter(name):
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        kind = re.split(r"\.\d+\.", name)[-1]
+        if kind in kinds:
+            kinds[kind][2] += 1
+        else:
+            kinds[kind] = [param.dim(), type(owner).__name__, 1]
+    return [f"{kind} ({dim}-D, in {owner}, {count} layer{'s' * (count != 1)})"
+            for kind, (dim, owner, count) in kinds.items()]
+
+
+def model_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str], list[str]]:
+    """The one target resolver that train and analyze share: (module names `targets` selects,
+    `left_out(model)`)."""
+    return find_targets(model, targets), left_out(model)
 
 
 def inject_adapters(model: nn.Module, method: str, options: dict, targets: str | list[str],

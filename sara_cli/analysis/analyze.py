@@ -41,6 +41,7 @@ class Analysis:
     total_params: int
     seconds: float
     matrices: list[MatrixResult]
+    left_out: list[str] = field(default_factory=list)  # weights no target reaches (inject.left_out)
 
     def to_json(self) -> dict:
         """The documented --json schema."""
@@ -50,6 +51,47 @@ class Analysis:
             "matrices": [{"name": m.name, "layer": m.layer, "module": m.module,
                           "shape": list(m.shape), "k": m.k} for m in self.matrices],
         }
+
+
+def check_outputs(model: str, json_path: Path | None, plot_path: Path | None) -> None:
+    """Fail before any work when --json or --plot cannot be written, or would overwrite the
+    model or the spectrum cache that analyze reads.
+
+    Raises:
+        SaraError: naming the flag and the path.
+    """
+    from sara_cli.files import check_apart, check_output_file
+    from sara_cli.model.builtin import is_builtin
+    from sara_cli.model.cache import cache_root
+
+    inputs = [("the spectrum cache", cache_root())]
+    if not is_builtin(model) and Path(model).expanduser().exists():
+        inputs.append(("the model", Path(model)))
+    check_apart([("--json", json_path), ("--plot", plot_path)], inputs, "analyze")
+    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            check_output_file(path, flag)
+
+
+def target_tensors(model_dir: Path, index: dict, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(checkpoint tensor names of the matrices `sara train` would wrap for `targets`, layers in
+    numeric order; the weights no target reaches). Both come from the one resolver train uses
+    (`inject.model_targets`), run on the model built on the meta device from its config.
+
+    Raises:
+        SaraError: a target matches no linear layer (naming those that exist), or the model
+            cannot be built from its config.
+    """
+    from sara_cli.adapters.inject import model_targets
+    from sara_cli.model.loading import skeleton
+
+    modules, left_out = model_targets(skeleton(model_dir), targets)
+    mapping = hub.match_tensor_names(modules, list(index), strict=False)  # {tensor: module}
+    missing = sorted(set(modules) - set(mapping.values()))
+    if missing:
+        raise SaraError(f"{model_dir} has no unique weight for {missing[0]} (of {len(missing)} targeted "
+                        "modules); re-download or re-save the checkpoint")
+    return sorted(mapping, key=natural_key), left_out
 
 
 def select_matrices(index: dict, targets: list[str]) -> list[str]:
@@ -120,7 +162,7 @@ def analyze(model: str, taus: list[float], targets: list[str] | None = None, dev
     model_dir = hub.resolve_model_dir(model)
     config = hub.load_config(model_dir)
     index = hub.tensor_index(model_dir)
-    names = select_matrices(index, targets)
+    names, left_out = target_tensors(model_dir, index, targets)
     transposed = hub.is_conv1d_checkpoint(config)
     total_params = sum(_numel(e["shape"]) for _, e in index.values())
     if on_start:
@@ -157,7 +199,7 @@ def analyze(model: str, taus: list[float], targets: list[str] | None = None, dev
         torch.cuda.synchronize()
     results.sort(key=lambda m: natural_key(m.name))  # iteration goes file by file
     return Analysis(model=str(model), targets=targets, taus=list(taus), total_params=total_params,
-                    seconds=time.perf_counter() - started, matrices=results)
+                    seconds=time.perf_counter() - started, matrices=results, left_out=left_out)
 
 
 def _numel(shape: list[int]) -> int:

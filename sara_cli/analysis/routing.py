@@ -153,7 +153,23 @@ def load_sources(task_spec: str | None, data: str | None, limit: int | None,
     return {Path(data).stem if ":" not in data else data.split(":", 1)[1]: records}
 
 
-def output_folder(path: Path, out: Path | None) -> Path:
+def route_map_inputs(path: Path, task_spec: str | None, data: str | None,
+                     data_dir: Path | None) -> list[tuple[str, Path]]:
+    """(label, path) of what route-map reads: the adapter, its base, the records or test sets."""
+    from sara_cli.evaluation import tasks
+    from sara_cli.evaluation.evaluate import model_inputs
+    from sara_cli.model.builtin import is_builtin
+
+    inputs = model_inputs(str(path))
+    if data is not None and not is_builtin(data) and Path(data).expanduser().exists():
+        inputs.append(("the data file", Path(data)))
+    if task_spec is not None:
+        for task in tasks.resolve_tasks(task_spec):
+            inputs.append((f"the {task.name} test set", tasks.records_path(task, data_dir)))
+    return inputs
+
+
+def output_folder(path: Path, out: Path | None, inputs: list | None = None) -> Path:
     """Where route-map writes: `out`, or inside the run (RUN/route-map) by default, as `sara eval`
     writes RUN/eval; an adapter folder outside a run writes ./route-map/<its name>.
 
@@ -161,7 +177,7 @@ def output_folder(path: Path, out: Path | None) -> Path:
         SaraError: `out` is a file, cannot be created, or lies inside a run's adapter or
             checkpoint folder (before any work is done).
     """
-    from sara_cli.files import check_writable
+    from sara_cli.files import check_apart, check_writable
     from sara_cli.training.rundir import check_outside_managed, run_of
 
     if out is None:
@@ -174,6 +190,7 @@ def output_folder(path: Path, out: Path | None) -> Path:
             out = folder / (f"route-map-{inside}" if inside else "route-map")
     if out.exists() and not out.is_dir():
         raise SaraError(f"--out {out} is a file; give a folder for route-map.png, .json and .csv")
+    check_apart([("--out", out)], inputs or [], "route-map")
     check_outside_managed(out, "--out")
     check_writable(out, "--out")
     return out

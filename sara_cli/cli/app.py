@@ -61,6 +61,12 @@ def command(func=None, *, name: str | None = None):
         except Exception as exc:
             if DEBUG["on"]:
                 raise
+            from sara_cli.files import no_space
+
+            full = no_space(exc)  # eval's results, analyze's JSON, anything else written
+            if full is not None:
+                err_console.print(f"[bold red]error:[/] {escape(str(full))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(full.exit_code) from None
             err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} "
                               "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
@@ -159,11 +165,7 @@ def analyze(
         raise SaraError(f"--experts must be at least 1, got {experts}")
     if match_lora_rank is not None and match_lora_rank < 1:
         raise SaraError(f"--match-lora-rank must be at least 1, got {match_lora_rank}")
-    from sara_cli.files import check_output_file
-
-    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
-        if path is not None:
-            check_output_file(path, flag)  # before the spectra, which can take minutes
+    core.check_outputs(model, json_path, plot_path)  # before the spectra, which can take minutes
     taus = tau or [0.5]
     with matrix_progress(console) as (on_start, on_matrix):
         result = core.analyze(model, taus, parse_targets(targets), device, on_start, on_matrix)
@@ -258,24 +260,26 @@ def eval_command(
     data: Optional[str] = typer.Option(None, "--data", help="With --task loss: instruction records to score."),
     harness: Optional[str] = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, comma-separated (sara_svamp, sara_boolq_mc, ...)."),
     harness_args: list[str] = typer.Option([], "--harness-args", help="KEY=VALUE for lm_eval.simple_evaluate (num_fewshot=5, apply_chat_template=true); repeat."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run a model folder's own Python code (auto_map); only for code you trust."),
 ) -> None:
     """Benchmark accuracy with the LLM-Adapters protocol, mean loss, or lm-evaluation-harness tasks."""
     from sara_cli.evaluation import evaluate
 
     mode = evaluate.choose_mode(model, task, score, harness, data, protocol, json_path)
-    evaluate.check_targets(out, json_path)
+    evaluate.check_targets(out, json_path, evaluate.eval_inputs(model, task, score, data, data_dir, mode))
     if mode == "score":
         name, result = evaluate.score_file(score, task, json_path)
         console.print(f"{name}: {result['correct']}/{result['n']} correct, accuracy "
                       f"{result['accuracy']:.4f}", highlight=False)
     elif mode == "loss":
-        description, result, json_path = evaluate.loss(model, data, batch_size, limit, json_path)
+        description, result, json_path = evaluate.loss(model, data, batch_size, limit, json_path, trust_remote_code)
         console.print(f"{description}: mean token loss {result['loss']:.4f}, perplexity "
                       f"{result['perplexity']:.3f} over {result['tokens']:,d} tokens", highlight=False)
     elif mode == "harness":
         from sara_cli.evaluation import harness as bridge
 
-        report = bridge.run(model, harness, harness_args, data_dir, batch_size, limit, out, max_new_tokens)
+        report = bridge.run(model, harness, harness_args, data_dir, batch_size, limit, out, max_new_tokens,
+                            trust_remote_code)
         console.print(report.table, highlight=False, markup=False)
         console.print(f"wrote {report.results_path} and {len(report.sample_paths)} samples file(s)",
                       highlight=False, markup=False)
@@ -284,7 +288,7 @@ def eval_command(
 
         with eval_progress(console) as (on_start, on_done):
             run = evaluate.benchmarks(model, task, data_dir, protocol, batch_size, limit, max_new_tokens, out,
-                                      on_start, on_done)
+                                      on_start, on_done, trust_remote_code)
         eval_table(console, run.results, run.summary, protocol)
         console.print(f"wrote {run.out}/summary.json and one <task>.jsonl per task", highlight=False,
                       markup=False)
@@ -303,13 +307,14 @@ def chat(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 greedy, above 0 samples; default: the model's generation_config."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling share; default: the model's generation_config."),
     system: Optional[str] = typer.Option(None, "--system", help="System message (chat template only)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run a model folder's own Python code (auto_map); only for code you trust."),
 ) -> None:
     """Talk to a model with its run's template, tokens streamed; Ctrl-C stops an answer, Ctrl-D leaves."""
     from sara_cli.evaluation.chat import generation_settings, open_session
 
     settings = generation_settings(max_new_tokens, temperature, top_p)
     with err_console.status("loading"):
-        session, description = open_session(model, template, settings, system)
+        session, description = open_session(model, template, settings, system, trust_remote_code)
     if prompt is not None:
         _stream_answer(session, prompt)
         return
@@ -335,12 +340,17 @@ def chat(
 
 
 def _stream_answer(session, message: str) -> None:
+    answer = ""
     try:
         for piece in session.reply(message):
+            answer += piece
             console.out(piece, end="", highlight=False)
     except KeyboardInterrupt:
         console.out(" [stopped]", end="", highlight=False)
     console.out("")
+    if not answer.strip():
+        err_console.print(f"(the model produced no visible text: {session.generated_tokens} token(s) generated, "
+                          "all whitespace or special tokens)", highlight=False)
     if session.dropped_turns:
         err_console.print(f"(the {session.dropped_turns} oldest exchange(s) were left out to fit the model's "
                           f"{session.context_length()}-token context)", highlight=False)
@@ -361,9 +371,9 @@ def route_map(
 ) -> None:
     """Mo-SARA routing heatmaps: mean gate per layer and expert, per task."""
     from sara_cli.cli.views import route_map_view
-    from sara_cli.analysis.routing import output_folder, route_map as compute, write_outputs
+    from sara_cli.analysis.routing import output_folder, route_map as compute, route_map_inputs, write_outputs
 
-    out = output_folder(path, out)  # checked before any work
+    out = output_folder(path, out, route_map_inputs(path, task, data, data_dir))  # before any work
     with console.status("routing"):
         result = compute(path, task, data, limit, data_dir,
                          [m.strip() for m in modules.split(",")] if modules else None, tokens)

@@ -62,6 +62,9 @@ def analysis_report(console: Console, result, experts: int, match_lora_rank: int
         summary.add_row(f"{tau:g}", *means, _count(sara_params(result.matrices, i), result.total_params),
                         _count(mosara_params(result.matrices, i, experts), result.total_params))
     console.print(summary)
+    if result.left_out and result.targets == ["all-linear"]:
+        console.print(f"left out (not linear layers; sara adapts nn.Linear layers only, as train does): "
+                      f"{'; '.join(result.left_out)}", highlight=False, markup=False)
     if match_lora_rank is not None:
         tau, sara, lora = match(result.matrices, match_lora_rank)
         console.print(f"tau {tau} gives SARA {sara:,d} trainable parameters, closest to "

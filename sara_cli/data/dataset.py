@@ -119,13 +119,14 @@ def _code_fingerprint() -> str:
 def _tokenize_source(source: Source, data_cfg, tokenizer, tokenizer_key: str):
     entry = source.entry
     tokenize = Tokenize(tokenizer, entry.template, data_cfg.cutoff_len, entry.train_on_inputs,
-                        data_cfg.loss_on, source.format, entry.tags)
+                        data_cfg.loss_on, source.format, entry.tags, joint=data_cfg.tokenize == "joint")
     path = Path(entry.path).expanduser()
     content = file_digest(path) if path.is_file() else None
     if builtin.is_builtin(entry.path):
         content = file_digest(builtin.data_path(entry.path))
     key = json.dumps([source.records._fingerprint, content, entry.template, entry.train_on_inputs, source.format,
-                      entry.tags, data_cfg.loss_on, data_cfg.cutoff_len, tokenizer_key, _code_fingerprint()],
+                      entry.tags, data_cfg.loss_on, data_cfg.cutoff_len, data_cfg.tokenize, tokenizer_key,
+                      _code_fingerprint()],
                      sort_keys=True, default=str)
 
     def encode(record, index):

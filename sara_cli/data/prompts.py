@@ -133,15 +133,21 @@ def _last_run(mask: list[bool]) -> list[bool]:
 class Tokenize:
     """Turn one record into input_ids / attention_mask / labels.
 
-    alpaca/plain, as LLM-Adapters does: truncate to cutoff_len, append EOS when there is room, and
-    with train_on_inputs=False set the prompt's labels to -100. chat: the rendered conversation,
+    alpaca/plain: the prompt's ids followed by the answer's, each tokenized on its own (as
+    LLaMA-Factory does), so the ids a generation starts from (the prompt alone) are exactly a
+    prefix of what was trained; `joint=True` tokenizes prompt + answer as one string, as
+    LLM-Adapters does, where a BPE merge can join the prompt's last whitespace with the answer's
+    first word. Then: truncate to cutoff_len, append EOS when there is room, and with
+    train_on_inputs=False set the prompt's labels to -100. chat: the rendered conversation,
     labels on the assistant turns `loss_on` names (everything with train_on_inputs=True); EOS is
     appended only when the template writes none after the last turn's start.
     """
 
     def __init__(self, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool,
-                 loss_on: str | None = None, fmt: str = "auto", tags: dict | None = None):
+                 loss_on: str | None = None, fmt: str = "auto", tags: dict | None = None,
+                 joint: bool = False):
         self.tokenizer = tokenizer
+        self.joint = joint
         self.template = template
         self.cutoff_len = cutoff_len
         self.train_on_inputs = bool(train_on_inputs)
@@ -175,15 +181,22 @@ class Tokenize:
 
     def _single_turn(self, record: dict) -> tuple[list[int], list[int], bool]:
         prompt, full = self.texts(record)
-        encoding = self.tokenizer(full, truncation=True, max_length=self.cutoff_len)
-        input_ids = encoding["input_ids"]
-        truncated = _overflowed(self.tokenizer, encoding, full, self.cutoff_len)
+        if self.joint:
+            encoding = self.tokenizer(full, truncation=True, max_length=self.cutoff_len)
+            input_ids = encoding["input_ids"]
+            truncated = _overflowed(self.tokenizer, encoding, full, self.cutoff_len)
+            prompt_len = len(self.tokenizer(prompt, truncation=True, max_length=self.cutoff_len)["input_ids"])
+        else:
+            prompt_ids = self.tokenizer(prompt)["input_ids"]  # as generation sees it, BOS included
+            answer_ids = self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            truncated = len(prompt_ids) + len(answer_ids) > self.cutoff_len
+            input_ids = (prompt_ids + answer_ids)[:self.cutoff_len]
+            prompt_len = len(prompt_ids)
         eos = self.tokenizer.eos_token_id
         if eos is not None and (not input_ids or input_ids[-1] != eos) and len(input_ids) < self.cutoff_len:
             input_ids = input_ids + [eos]
         labels = list(input_ids)
         if not self.train_on_inputs:
-            prompt_len = len(self.tokenizer(prompt, truncation=True, max_length=self.cutoff_len)["input_ids"])
             labels[:prompt_len] = [IGNORE] * min(prompt_len, len(labels))
         return input_ids, labels, truncated
 

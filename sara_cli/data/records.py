@@ -103,7 +103,13 @@ def load_records(reference: str, split: str = "train", limit: int | None = None,
     return rename_columns(dataset, columns or {}, reference)
 
 
+FOLDER_GIVEN = ("is a folder; give a .json, .jsonl, .csv or .parquet file of records in it (sara "
+                "reads one file per entry: list several under data.train_file)")
+
+
 def _check_file(path: Path, reference: str) -> None:
+    if path.is_dir():
+        raise SaraError(f"data file {reference} {FOLDER_GIVEN}")
     if not path.is_file():
         raise SaraError(f"data file {reference} does not exist; check the path")
     if path.suffix not in FILE_BUILDERS:
@@ -187,6 +193,8 @@ def check_data_reference(data: str, flag: str = "--data") -> None:
 
     datasets.disable_progress_bars()  # the library's "Generating train split" bars, one per load
     path = Path(data).expanduser()
+    if not builtin.is_builtin(data) and path.is_dir():
+        raise SaraError(f"{flag} {data} {FOLDER_GIVEN}")
     if not builtin.is_builtin(data) and path.suffix.lower() in FILE_BUILDERS and not path.is_file():
         raise SaraError(f"{flag} {data} does not exist; give a .json, .jsonl, .csv or .parquet file of "
                         "instruction records, or builtin:mawps-quickstart")
@@ -273,6 +281,20 @@ def _instruction_conversation(record: dict) -> list[dict]:
     return messages
 
 
+def check_text(values, field: str, source: str) -> None:
+    """Every value of a text field is text. A number is accepted (CSV columns load as numbers, and
+    str(7) is what the file says); a list, mapping or true/false would become its Python repr.
+
+    Raises:
+        SaraError: naming the record (0-based), the field and what it holds.
+    """
+    for i, value in enumerate(values):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            kind = {list: "a list", dict: "a mapping", bool: "true/false"}.get(type(value), type(value).__name__)
+            raise SaraError(f"{source}: record {i} field '{field}' is {kind} ({str(value)[:40]}), not text; "
+                            "write it as a string")
+
+
 def check_records(dataset, template: str, source: str, fmt: str = "auto", tags: dict | None = None) -> None:
     """Every record has what its format and template need.
 
@@ -291,6 +313,9 @@ def check_records(dataset, template: str, source: str, fmt: str = "auto", tags: 
             for i, value in enumerate(dataset[field]):
                 if value is None:
                     raise SaraError(f"{source}: record {i} has no '{field}' field")
+        for field in ("instruction", "input", "output", "system"):
+            if field in dataset.column_names:
+                check_text(dataset[field], field, source)
         if template != "chat" or not any(f in dataset.column_names for f in ("system", "history")):
             return  # alpaca and plain prompts ignore other columns
     elif template != "chat":

@@ -208,7 +208,7 @@ def generation_settings(max_new_tokens: int, temperature: float | None, top_p: f
 
 
 def open_session(reference: str, template: str | None, generation: dict,
-                 system: str | None = None) -> tuple[ChatSession, str]:
+                 system: str | None = None, trust_remote_code: bool = False) -> tuple[ChatSession, str]:
     """Load the model and start a conversation. Returns (session, description of what was loaded).
 
     Raises:
@@ -218,7 +218,7 @@ def open_session(reference: str, template: str | None, generation: dict,
 
     if template is not None and template not in TEMPLATES:  # before the model loads
         raise SaraError(f"--template must be alpaca, plain or chat, got '{template}'")
-    model, tokenizer, description, config = load_model(reference)
+    model, tokenizer, description, config = load_model(reference, trust_remote_code=trust_remote_code)
     chosen = choose_template(template, recorded_template(reference, config), tokenizer)
     if system is not None and chosen != "chat":
         raise SaraError(f"--system needs the chat template; this model uses {chosen}. Drop --system "

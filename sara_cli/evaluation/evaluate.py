@@ -25,7 +25,7 @@ from sara_cli.model import hub, loading
 from sara_cli.training import rundir
 from sara_cli.evaluation import tasks
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_path, check_output_file, check_writable, write_json
+from sara_cli.files import atomic_path, check_apart, check_output_file, check_writable, write_json
 
 PROTOCOLS = ("fast", "llm-adapters")
 
@@ -49,8 +49,11 @@ class TaskResult:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
 
-def load_model(reference: str, device: str | None = None):
+def load_model(reference: str, device: str | None = None, trust_remote_code: bool = False):
     """A merged checkpoint, a run/adapter folder (adapter applied on its base), or a base model.
+
+    `trust_remote_code` (--trust-remote-code) lets a plain checkpoint run its own model code; a
+    run's base loads as it was trained (its recorded model.trust_remote_code).
 
     Returns (model, tokenizer, description, run config or None).
     Raises:
@@ -63,6 +66,8 @@ def load_model(reference: str, device: str | None = None):
     if path.is_dir() and not (path / "config.json").is_file():
         try:
             adapter_dir = checkpoint.find_adapter_dir(path)
+        except checkpoint.UnfinishedRun:
+            raise
         except SaraError:
             raise SaraError(f"{path} is neither a model checkpoint (no config.json) nor a sara run "
                             "(no adapter/sara_config.json); give a merged model, a run folder or a "
@@ -81,7 +86,7 @@ def load_model(reference: str, device: str | None = None):
     hub.load_config(model_dir)
     hub.tensor_index(model_dir)  # names a missing or damaged weight file before transformers reads it
     dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
-    model, tokenizer, _ = loading.load_checkpoint(reference, dtype, device)
+    model, tokenizer, _ = loading.load_checkpoint(reference, dtype, device, trust_remote_code)
     return model, tokenizer, str(reference), None
 
 
@@ -185,7 +190,9 @@ def mean_loss(model, tokenizer, data: str, config: dict | None, batch_size: int,
     train_on_inputs = settings.get("train_on_inputs")
     tokenize = Tokenize(tokenizer, template, settings.get("cutoff_len", 512),
                         template != "chat" if train_on_inputs is None else train_on_inputs,
-                        settings.get("loss_on"), fmt, tags)
+                        settings.get("loss_on"), fmt, tags,
+                        # a run recorded before data.tokenize existed was tokenized jointly
+                        joint=settings.get("tokenize", "joint" if config else "split") == "joint")
     features = [tokenize(dict(r)) for r in records]
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt", padding=True)
@@ -284,18 +291,58 @@ def file_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
 
 
-def check_targets(out: Path | None, json_path: Path | None) -> None:
-    """Fail before any work when --out or --json cannot be written, or --out lies inside a run's
-    adapter or checkpoint folder.
+def check_targets(out: Path | None, json_path: Path | None, inputs: list | None = None) -> None:
+    """Fail before any work when --out or --json cannot be written, lies inside a run's adapter
+    or checkpoint folder, or would overwrite one of `inputs` (`eval_inputs`).
 
     Raises:
         SaraError: naming the flag and the path.
     """
+    check_apart([("--out", out), ("--json", json_path)], inputs or [], "eval")
     if out is not None:
         check_writable(out, "--out")
         rundir.check_outside_managed(out, "--out")
     if json_path is not None:
         check_output_file(json_path, "--json")
+
+
+def eval_inputs(model: str | None, task: str | None, score: Path | None, data: str | None,
+                data_dir: Path | None, mode: str) -> list[tuple[str, Path]]:
+    """(label, path) of every local file or folder eval reads in `mode`: the model (a run's
+    adapter and base), the predictions file, the records, the test sets."""
+    from sara_cli.model.builtin import is_builtin
+
+    inputs: list[tuple[str, Path]] = []
+    if score is not None:
+        inputs.append(("the predictions file", Path(score)))
+    if data is not None and not is_builtin(data) and Path(data).expanduser().exists():
+        inputs.append(("the data file", Path(data)))
+    if mode == "benchmarks":
+        for task_ in tasks.resolve_tasks(task):
+            inputs.append((f"the {task_.name} test set", tasks.records_path(task_, data_dir)))
+    if model is not None:
+        inputs += model_inputs(model)
+    return inputs
+
+
+def model_inputs(reference: str) -> list[tuple[str, Path]]:
+    """(label, path) of a local model reference: a run's adapter and its recorded base, or the
+    checkpoint folder itself. A built-in or hub id lives in a cache no flag writes to."""
+    path = Path(reference).expanduser()
+    if not path.is_dir():
+        return []
+    try:
+        adapter_dir = checkpoint.find_adapter_dir(path)
+    except SaraError:
+        return [("the model", path)]
+    inputs = [("the adapter", adapter_dir)]
+    try:
+        base = checkpoint.read_config(adapter_dir)["base_model"].get("path")
+    except SaraError:  # named when the model loads
+        base = None
+    if base:
+        inputs.append(("the run's base model", Path(base)))
+    return inputs
 
 
 @dataclass
@@ -309,7 +356,7 @@ class Benchmarks:
 
 def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str, batch_size: int,
                limit: int | None, max_new_tokens: int | None, out: Path | None = None,
-               on_start=None, on_done=None) -> Benchmarks:
+               on_start=None, on_done=None, trust_remote_code: bool = False) -> Benchmarks:
     """Generate and score every task in `task_spec`; write <out>/<task>.jsonl and summary.json.
 
     Args:
@@ -325,7 +372,7 @@ def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str,
     out = results_folder(model, protocol, out)
     check_writable(out, "the results folder")
     started = time.perf_counter()
-    loaded, tokenizer, description, _ = load_model(model)
+    loaded, tokenizer, description, _ = load_model(model, trust_remote_code=trust_remote_code)
     results = [evaluate_task(loaded, tokenizer, task, data_dir, protocol, batch_size, limit, max_new_tokens,
                              on_start, on_done) for task in chosen]
     summary = write_results(out, results, protocol, description, time.perf_counter() - started)
@@ -338,7 +385,7 @@ def data_name(data: str) -> str:
 
 
 def loss(model: str, data: str, batch_size: int, limit: int | None,
-         json_path: Path | None = None) -> tuple[str, dict, Path | None]:
+         json_path: Path | None = None, trust_remote_code: bool = False) -> tuple[str, dict, Path | None]:
     """`--task loss`: (what was loaded, `mean_loss`'s figures, the JSON written or None).
 
     The JSON goes to `json_path`; without it, a run's result is kept in the run
@@ -356,7 +403,7 @@ def loss(model: str, data: str, batch_size: int, limit: int | None,
     if json_path is None and rundir.run_of(Path(model)) is not None:
         json_path = results_folder(model, "loss") / f"{data_name(data)}.json"
         check_output_file(json_path, "the loss result")
-    loaded, tokenizer, description, config = load_model(model)
+    loaded, tokenizer, description, config = load_model(model, trust_remote_code=trust_remote_code)
     result = mean_loss(loaded, tokenizer, data, config, batch_size, limit)
     if json_path is not None:
         write_json(json_path, result)

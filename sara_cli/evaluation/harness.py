@@ -246,7 +246,8 @@ def task_manager(names: list[str], data_dir: Path | None):
 
 
 def run(model: str, task_spec: str, args: list[str], data_dir: Path | None, batch_size: int,
-        limit: int | None, out: Path | None = None, max_new_tokens: int | None = None) -> HarnessReport:
+        limit: int | None, out: Path | None = None, max_new_tokens: int | None = None,
+        trust_remote_code: bool = False) -> HarnessReport:
     """Run harness tasks on the model as sara loads it; write the harness's JSON into `out`.
 
     Args:
@@ -280,7 +281,7 @@ def run(model: str, task_spec: str, args: list[str], data_dir: Path | None, batc
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import make_table
 
-    loaded, tokenizer, description, _ = evaluate.load_model(model)
+    loaded, tokenizer, description, _ = evaluate.load_model(model, trust_remote_code=trust_remote_code)
     lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".harness.", suffix=".partial", dir=out))

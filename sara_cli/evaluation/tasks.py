@@ -262,7 +262,7 @@ def load_records(task: Task, data_dir: Path | None, limit: int | None) -> list[d
     """
     if limit is not None and limit < 1:
         raise SaraError(f"--limit must be a positive integer (received {limit}); omit it to use every record.")
-    path = _records_path(task, data_dir)
+    path = records_path(task, data_dir)
     records = _read_records(path)
     if not records:
         raise SaraError(f"{path} has no records; each record needs 'instruction' and 'answer'.")
@@ -278,7 +278,12 @@ def load_records(task: Task, data_dir: Path | None, limit: int | None) -> list[d
     return records if limit is None else records[:limit]
 
 
-def _records_path(task: Task, data_dir: Path | None) -> Path:
+def records_path(task: Task, data_dir: Path | None) -> Path:
+    """The file `load_records` reads for `task` (see there).
+
+    Raises:
+        SaraError: no such file.
+    """
     if task.source is not None:
         return task.source
     if data_dir is None:

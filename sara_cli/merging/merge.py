@@ -24,8 +24,9 @@ from pathlib import Path
 
 from sara_cli.adapters import checkpoint
 from sara_cli.model import hub
+from sara_cli.training import rundir
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_dir, check_writable
+from sara_cli.files import atomic_dir, check_apart, check_writable, no_space
 from sara_cli.merging.verify import check_export, check_merged, mean_routing, verification_texts
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -246,7 +247,19 @@ def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise SaraError(f"--out {out} already exists; choose another folder or pass --overwrite "
                         "(the old folder is replaced only once the new one is complete)")
-    check_writable(out.parent, "--out")
+    check_writable(out.parent, "--out", given=out)
+    rundir.check_outside_managed(out, "--out")
+
+
+def merge_inputs(adapter_dir: Path, base_dir: Path, calibration: str | None) -> list:
+    """(label, path) of what merge reads: the adapter, the base, calibration data. A new folder
+    inside a run (RUN/merged) is fine; the run folder itself contains its adapter, so not."""
+    from sara_cli.model.builtin import is_builtin
+
+    inputs = [("the adapter", adapter_dir), ("the base model", base_dir)]
+    if calibration and not is_builtin(calibration):
+        inputs.append(("the calibration data", Path(calibration)))
+    return inputs
 
 
 def check_options(method: str, routing: str, calibration: str | None, fmt: str, dtype: str,
@@ -349,6 +362,7 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
     base_ref = base or config["base_model"]["name_or_path"]
     revision = None if base else config["base_model"].get("revision")
     base_dir = hub.resolve_model_dir(base_ref, revision)
+    check_apart([("--out", out)], merge_inputs(adapter_dir, base_dir, calibration), "merge")
     base_config = hub.load_config(base_dir)
     hub.check_not_quantized(base_dir, base_config)
     recorded = config["base_model"].get("fingerprint")
@@ -401,7 +415,12 @@ def merge(path: Path, out: Path, base: str | None = None, dtype: str = "auto", m
 
             (staging / "README.md").write_text(model_card(config, base_ref, fmt, report, calibration))
             publish_permissions(staging)
-    except (OSError, SafetensorError) as exc:  # disk full, permissions, a vanished folder
+    except (OSError, SafetensorError, RuntimeError) as exc:  # disk full, permissions, a vanished folder
+        full = no_space(exc, out)
+        if full is not None:
+            raise SaraError(f"{full}; nothing was written at {out}") from None
+        if isinstance(exc, RuntimeError):
+            raise
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise SaraError(f"writing {out} failed: {reason}; nothing was written there. Check free "
                         "space and permissions") from None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sara_cli.adapters.checkpoint import load_adapter_model, read_config
 from sara_cli.errors import SaraError
-from sara_cli.model.loading import device_for_inference, load_checkpoint, load_tokenizer
+from sara_cli.model.loading import TRAIN_SETTING, device_for_inference, load_checkpoint, load_tokenizer
 
 VERIFY_TEXT = ["The quick brown fox jumps over the lazy dog.",
                "Question: what is 12 plus 30? Answer: 42.",
@@ -137,9 +137,15 @@ def free(model) -> None:
         torch.cuda.empty_cache()
 
 
-def load_merged(folder, dtype_name: str):
-    """The merged checkpoint through plain transformers, as a user would load it."""
-    return load_checkpoint(folder, dtype_name, device_for_inference())[0]
+def load_merged(folder, dtype_name: str, trust_remote_code: bool = False):
+    """The merged checkpoint through plain transformers, as a user would load it; a base with its
+    own model code runs it only when the run was trained with model.trust_remote_code."""
+    return load_checkpoint(folder, dtype_name, device_for_inference(), trust_remote_code, TRAIN_SETTING)[0]
+
+
+def trusts_code(adapter_dir: Path) -> bool:
+    """The run's recorded model.trust_remote_code."""
+    return bool(read_config(adapter_dir)["base_model"].get("trust_remote_code"))
 
 
 # -- the merge's checks ------------------------------------------------------------------------
@@ -157,7 +163,8 @@ def verification_texts(config: dict, limit: int = 4, base_dir: Path | None = Non
     settings = {**data, **{k: v for k, v in entry.items() if v is not None}}
     try:
         template = settings.get("template", "alpaca")
-        tokenizer = load_tokenizer(base_dir) if template == "chat" and base_dir else None
+        trust = bool(config["base_model"].get("trust_remote_code"))
+        tokenizer = load_tokenizer(base_dir, trust) if template == "chat" and base_dir else None
         records = load_records(entry["path"], settings.get("split") or data.get("train_split", "train"),
                                limit, settings.get("columns"))
         texts = [record_texts(dict(r), template, tokenizer)[1] for r in records]
@@ -198,8 +205,9 @@ def check_merged(adapter_dir: Path, base_ref: str, staging: Path, dtype_name: st
     into. A run trained on a 4-bit/8-bit base is also run as trained, and its distance from the
     merged model is reported under "as_trained" (never a failure: that gap is the quantization's).
     """
-    merged = load_merged(staging, dtype_name)
-    tokenizer = load_tokenizer(staging)
+    trust = trusts_code(adapter_dir)
+    merged = load_merged(staging, dtype_name, trust)
+    tokenizer = load_tokenizer(staging, trust)
     check_finite(merged, "merged tensor {name} holds NaN or inf")
     merged_out = run_model(merged, tokenizer, texts)
     merged_calibration = (run_model(merged, tokenizer, list(calibration_texts), keep_logits=False)
@@ -311,10 +319,11 @@ def check_export(adapter_dir: Path, base_ref: str, export_dir: Path, dtype_name:
     Raises:
         SaraError: NaN/inf in the exported model, or an exact export past `judge`'s limit.
     """
-    exported = load_merged(base_ref, dtype_name)
+    trust = trusts_code(adapter_dir)
+    exported = load_merged(base_ref, dtype_name, trust)
     apply_lora_export(exported, export_dir, transposed)
     check_finite(exported, "exported LoRA factors make {name} NaN or inf")
-    exported_out = run_model(exported, load_tokenizer(base_ref), texts)
+    exported_out = run_model(exported, load_tokenizer(base_ref, trust), texts)
     free(exported)
     floor = None
     if reference is None:

@@ -2,13 +2,14 @@
 
 Keyed by the base's content fingerprint (`hub.fingerprint`) and the tensor name, so
 `sara analyze` followed by `sara train`, or a second run with another tau, decomposes nothing
-again. The fingerprint samples three rows per tensor, so each entry also records the size and
-modification time of the file holding its tensor: a file re-saved or damaged in place (in rows
-the fingerprint does not read) is decomposed again. Layout, under the sara cache folder
-($SARA_HOME, else ~/.cache/sara):
+again. The fingerprint samples three rows per tensor, so each entry also records a stamp of its
+own tensor, the sha256 of its stored bytes: a weight edited in place (in rows the fingerprint
+does not read, even with the file's size and time restored) is decomposed again. Each entry also
+carries a checksum of its own contents, checked on read: a damaged entry is a miss, logged, and
+replaced. Layout, under the sara cache folder ($SARA_HOME, else ~/.cache/sara):
 
-    spectra/v1/<fingerprint>/<tensor name>/values.safetensors       s (n,) float64, all of them
-    spectra/v1/<fingerprint>/<tensor name>/<route>-k<k>.safetensors U (out, k), s (k,), Vh (k, in) float64
+    spectra/v2/<fingerprint>/<tensor name>/values.safetensors       s (n,) float64, all of them
+    spectra/v2/<fingerprint>/<tensor name>/<route>-k<k>.safetensors U (out, k), s (k,), Vh (k, in) float64
 
 Values are always kept: min(out, in) float64 numbers per matrix. Top-k factors are kept only
 while they are small next to the matrix (k (out + in) <= out * in / 4 elements), which covers
@@ -27,13 +28,32 @@ from pathlib import Path
 from sara_cli.model.builtin import cache_dir
 from sara_cli.model.spectrum import TopK
 
-FORMAT = "v1"  # bump when the decomposition code changes what it returns
+FORMAT = "v2"  # bump when the decomposition code, or what an entry records, changes
 VECTOR_SHARE = 0.25  # keep top-k factors up to this share of the matrix's element count
 log = logging.getLogger(__name__)
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def checksum(tensors: dict) -> str:
+    """sha256 over an entry's tensors (names, dtypes, shapes and bytes), in name order."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_root(root: Path | None = None) -> Path:
+    """The folder holding every checkpoint's spectra."""
+    return Path(root or cache_dir()) / "spectra"
 
 
 class SpectrumCache:
@@ -46,7 +66,7 @@ class SpectrumCache:
     """
 
     def __init__(self, fingerprint: str, stamp=None, root: Path | None = None):
-        self.folder = Path(root or cache_dir()) / "spectra" / FORMAT / _safe(fingerprint.split(":")[-1])
+        self.folder = cache_root(root) / FORMAT / _safe(fingerprint.split(":")[-1])
         self.stamp = stamp or (lambda tensor: "")
         self.writable = True
 
@@ -61,12 +81,17 @@ class SpectrumCache:
             return None
         try:
             with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("stamp") != self.stamp(tensor):
-                    return None  # the checkpoint file changed since
-                return {key: f.get_tensor(key) for key in f.keys()}
+                metadata = f.metadata() or {}
+                if metadata.get("stamp") != self.stamp(tensor):
+                    return None  # the weights changed since
+                found = {key: f.get_tensor(key) for key in f.keys()}
         except (OSError, SafetensorError):  # a damaged entry is recomputed, never trusted
-            log.warning("ignoring unreadable cache entry %s", path)
+            log.warning("ignoring unreadable cache entry %s; decomposing again", path)
             return None
+        if metadata.get("checksum") != checksum(found):
+            log.warning("cache entry %s fails its checksum (damaged on disk); decomposing again", path)
+            return None
+        return found
 
     def _write(self, tensor: str, entry: str, tensors: dict) -> None:
         from safetensors.torch import save_file
@@ -78,9 +103,9 @@ class SpectrumCache:
             return
         path = self._path(tensor, entry)
         try:
+            tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
             with atomic_path(path) as tmp:
-                save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(tmp),
-                          metadata={"stamp": self.stamp(tensor)})
+                save_file(tensors, str(tmp), metadata={"stamp": self.stamp(tensor), "checksum": checksum(tensors)})
         except (OSError, SaraError) as exc:
             self.writable = False
             log.warning("spectrum cache %s is not writable (%s); continuing without it", self.folder, exc)

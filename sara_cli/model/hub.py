@@ -151,6 +151,27 @@ def check_not_quantized(model_dir: Path, config: dict | None = None) -> None:
                             "while loading)")
 
 
+def tensor_digest(path: Path, entry: dict) -> str:
+    """sha256 of one tensor's bytes exactly as stored in safetensors file `path`.
+
+    Args:
+        entry: the tensor's header entry (`read_header`), with its data_offsets.
+    """
+    start, end = (int(x) for x in entry["data_offsets"])
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + length + start)
+        left = end - start
+        while left > 0:
+            chunk = f.read(min(left, 1 << 23))
+            if not chunk:
+                raise SaraError(f"{path} was cut short; re-download or re-save it")
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
 def iter_tensors(model_dir: Path, names: list[str], index: dict | None = None) -> Iterator[tuple[str, "object"]]:
     """Yield (name, tensor) for `names`, in that order, one tensor in memory at a time.
 

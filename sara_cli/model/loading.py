@@ -45,6 +45,21 @@ def load_tokenizer(folder, trust_remote_code: bool = False):
     return tokenizer
 
 
+TRAIN_SETTING = "set model.trust_remote_code: true in the recipe"
+FLAG_SETTING = "pass --trust-remote-code"
+
+
+def remote_code_error(reference, exc: Exception, setting: str) -> SaraError | None:
+    """The one-line refusal for a model folder whose config names its own Python code (auto_map)
+    when running it was not asked for; None for any other loading error."""
+    text = str(exc)
+    if "trust_remote_code" not in text and "custom code" not in text:
+        return None
+    return SaraError(f"model {reference} needs its own Python code (auto_map in its config), which sara "
+                     f"runs only when asked: {setting}, and only for a model whose code you trust, since "
+                     "that runs the code on this machine")
+
+
 def _dtype_argument(name: str):
     """torch dtype for bfloat16/float16/float32; anything else ("auto") keeps the checkpoint's."""
     import torch
@@ -53,7 +68,7 @@ def _dtype_argument(name: str):
 
 
 def load_base_model(model_cfg, device: str | None = None, device_map: bool = True,
-                    compute_dtype: str = "float32"):
+                    compute_dtype: str = "float32", setting: str = TRAIN_SETTING):
     """Load the frozen base model and tokenizer named by a recipe's model section.
 
     Args:
@@ -64,6 +79,7 @@ def load_base_model(model_cfg, device: str | None = None, device_map: bool = Tru
             passes False: the Trainer and accelerate treat device-mapped models as model-parallel.
             A quantized base always loads with one (bitsandbytes quantizes on the way in).
         compute_dtype: the 4-bit compute dtype (float32, bfloat16, float16).
+        setting: how the user allows a model's own code, for the refusal when it needs some.
 
     Returns:
         (model, tokenizer, model_dir)
@@ -90,7 +106,8 @@ def load_base_model(model_cfg, device: str | None = None, device_map: bool = Tru
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         tokenizer = load_tokenizer(model_dir, model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise SaraError(f"could not load model {model_cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
+        refused = remote_code_error(model_cfg.name_or_path, exc, setting)
+        raise refused or SaraError(f"could not load model {model_cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
     if device is not None and "device_map" not in kwargs:
         model.to(device)
     if quantization is not None:
@@ -112,17 +129,59 @@ def recorded_model_section(recorded: dict, base: str | None = None, dtype: str |
                         load_in_4bit=quantized == "4bit", load_in_8bit=quantized == "8bit")
 
 
-def load_checkpoint(reference: str | Path, dtype: str = "auto", device: str | None = None):
+def skeleton(model_dir: Path):
+    """The model `model_dir`'s config describes, on the meta device: its modules and parameter
+    shapes, with no weights read or memory allocated. `sara analyze` resolves targets on it, so
+    it selects what `sara train` wraps.
+
+    Raises:
+        SaraError: transformers cannot build the model from its config (an unknown architecture,
+            or one that needs its own code, which analyze never runs).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        if remote_code_error(model_dir, exc, "") is not None:
+            raise SaraError(f"model {model_dir} needs its own Python code (auto_map in its config) to be "
+                            "built, and sara analyze never runs a model's code; train it with "
+                            "model.trust_remote_code: true (only for code you trust) and read its targets "
+                            "from the run") from None
+        raise SaraError(f"cannot build model {model_dir} from its config.json "
+                                   f"({str(exc).splitlines()[0]}); check that transformers knows its "
+                                   "architecture") from None
+
+
+def load_checkpoint(reference: str | Path, dtype: str = "auto", device: str | None = None,
+                    trust_remote_code: bool = False, setting: str = FLAG_SETTING):
     """A plain checkpoint through transformers alone, as a user would load it: a merged model or
     a base model. Pre-quantized checkpoints are accepted here (nothing is decomposed).
 
+    Args:
+        trust_remote_code: run the folder's own model code (never asked interactively).
+        setting: how the user allows that, for the refusal when it is needed.
+
     Returns (model in eval mode, tokenizer, model_dir).
+    Raises:
+        SaraError: the model needs its own code and `trust_remote_code` is False.
     """
     from transformers import AutoModelForCausalLM
 
     model_dir = hub.resolve_model_dir(str(reference))
     hub.weight_files(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype_argument(dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype_argument(dtype),
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    except (OSError, ValueError) as exc:
+        refused = remote_code_error(reference, exc, setting)
+        if refused is None:
+            raise
+        raise refused from None
     if device is not None:
         model.to(device)
-    return model.eval(), load_tokenizer(model_dir), model_dir
+    return model.eval(), tokenizer, model_dir

@@ -43,6 +43,59 @@ def validate(raw: Any, source: str = "recipe", overridden: dict[str, str] | None
     return recipe
 
 
+MAX_VALUES = 100_000  # a recipe has a few hundred; anchors and aliases can multiply them without end
+
+
+def _loader():
+    """A safe YAML loader that refuses a key given twice in one mapping and a document that
+    expands, through anchors and aliases, to more than MAX_VALUES values ("billion laughs")."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def construct_document(self, node):
+            size = _expanded_size(node, {})
+            if size > MAX_VALUES:
+                raise _Refused(f"expands to more than {MAX_VALUES:,d} values through YAML anchors and "
+                               "aliases (&name, *name); a recipe has a few hundred: remove the repeated aliases")
+            return super().construct_document(node)
+
+        def construct_mapping(self, node, deep=False):
+            lines: dict[str, int] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    line = key.start_mark.line + 1
+                    if key.value in lines:
+                        raise _Refused(f"key '{key.value}' is given twice in one mapping (line "
+                                       f"{lines[key.value]} and line {line}); YAML would keep only the "
+                                       "last: keep one of them")
+                    lines[key.value] = line
+            return super().construct_mapping(node, deep)
+
+    return RecipeLoader
+
+
+class _Refused(Exception):
+    """A recipe YAML shape that is valid YAML but refused (see `_loader`)."""
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values `node` holds once every alias is expanded; linear time (each node counted
+    once, its size reused wherever an alias repeats it)."""
+    import yaml
+
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 0  # a recursive alias adds nothing more
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
+
 def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file.
 
@@ -55,7 +108,9 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise SaraError(f"recipe {path} does not exist; give the path of a YAML recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_loader())
+    except _Refused as exc:
+        raise SaraError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

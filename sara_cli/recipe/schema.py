@@ -122,6 +122,10 @@ class DataSection(Section):
     val_set_size: Union[int, float] = Field(0, ge=0, description="Hold out N records (or a fraction) for eval.")
     limit: Optional[int] = Field(None, ge=1, description="Use only the first N records of each file.")
     packing: bool = Field(False, description="Pack records into sequences of cutoff_len tokens.")
+    tokenize: Literal["split", "joint"] = Field(
+        "split", description="alpaca/plain: split tokenizes prompt and answer apart (a generation prompt is "
+                             "then exactly a prefix of the training ids); joint tokenizes the whole text at "
+                             "once, as LLM-Adapters does.")
 
     @model_validator(mode="wrap")
     @classmethod

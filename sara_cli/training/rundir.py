@@ -52,6 +52,89 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Every checkpoint-N folder, complete or not, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resume_problem(folder: Path) -> str | None:
+    """Why a run cannot continue from checkpoint `folder` exactly as it would have gone on,
+    naming the file; None when every state it needs is there and readable: the adapter and its
+    config, the trainer state, the optimizer, the scheduler and the RNG states. Without the
+    optimizer or scheduler the Trainer would silently restart them (a different adapter)."""
+    from sara_cli.files import read_json
+
+    needed = (checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME, "trainer_state.json", "scheduler.pt")
+    for name in needed:
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+    optimizer = folder / "optimizer.pt"
+    # FSDP and DeepSpeed keep the optimizer in folders of their own (optimizer_0/, global_stepN/).
+    sharded = any(p.is_dir() and p.name.startswith(("optimizer", "global_step")) for p in folder.iterdir())
+    if not optimizer.is_file() and not sharded:
+        return f"{optimizer} is missing"
+    rng = sorted(folder.glob("rng_state*.pth"))
+    if not rng:
+        return f"{folder / 'rng_state.pth'} is missing"
+    try:
+        checkpoint.load_safetensors(folder / checkpoint.WEIGHTS_NAME)
+        checkpoint.read_config(folder)
+        state = read_json(folder / "trainer_state.json")
+    except SaraError as exc:
+        return str(exc).split(";")[0]
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"{folder / 'trainer_state.json'} has no global_step"
+    for path in [p for p in (optimizer, folder / "scheduler.pt", folder / "scaler.pt") if p.is_file()] + rng:
+        reason = _unreadable(path)
+        if reason:
+            return f"{path} cannot be read ({reason})"
+    return None
+
+
+def _unreadable(path: Path) -> str | None:
+    """The first line of the error `torch.load(weights_only=True)` (how the Trainer reads a
+    checkpoint's states) gives for `path`, or None when it loads."""
+    import pickle
+
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():  # mmap: an optimizer state of gigabytes is checked without copying it
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):  # a legacy (non-zip) file cannot be mapped: read it
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return "it holds Python objects that torch.load(weights_only=True) refuses to unpickle"
+    except Exception as exc:  # truncated zip, I/O error: any of them means "not this one"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return "cut short or damaged: " + re.sub(r"\x1b\[[0-9;]*m", "", first)[:200]
+    return None
+
+
+def choose_resume(output_dir: Path, folders: list[Path]) -> tuple[Path, list[str]]:
+    """The newest checkpoint a run can continue from exactly, and a notice for each newer one
+    passed over (naming the file at fault).
+
+    Raises:
+        SaraError: none can be continued from; names the newest one's damaged file.
+    """
+    notices = []
+    for folder in reversed(folders):
+        problem = resume_problem(folder)
+        if problem is None:
+            return folder, notices
+        notices.append(f"{folder.name} cannot be resumed exactly ({problem}); passing over it")
+    raise SaraError(f"cannot resume the run in {output_dir}: {resume_problem(folders[-1])}, and no earlier "
+                    "checkpoint is complete; pass --overwrite to start again")
+
+
 @dataclass
 class RunPlan:
     output_dir: Path
@@ -74,7 +157,7 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
         raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
     check_writable(output_dir, "train.output_dir")
     finished = (output_dir / "adapter" / checkpoint.CONFIG_NAME).is_file()
-    checkpoints = complete_checkpoints(output_dir)
+    checkpoints = checkpoint_folders(output_dir)
     if overwrite and (finished or checkpoints):
         plan.previous = _aside_name(output_dir)
         notice = f"--overwrite: the earlier run is kept at {plan.previous} until this one finishes"
@@ -87,6 +170,12 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
     if finished:
         raise SaraError(f"{output_dir} holds a finished run; pass --overwrite to train again, or "
                         "choose another train.output_dir")
+    others = foreign_entries(output_dir)
+    if others and not checkpoints and not overwrite:
+        shown = ", ".join(p.name for p in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise SaraError(f"train.output_dir {output_dir} already holds files that are not a sara run "
+                        f"({shown}); choose a new or empty folder, or pass --overwrite to train there "
+                        "(those files are kept)")
     if checkpoints and not resume:
         raise SaraError(f"{output_dir} holds checkpoints and --no-resume was given; pass --overwrite "
                         "to start over, or drop --no-resume to continue")
@@ -98,7 +187,8 @@ def plan_output(output_dir: Path, resume: bool, overwrite: bool, resolved: dict)
                 raise SaraError(f"{output_dir} was started with a different recipe ({'; '.join(changed)}); "
                                 "a resume continues the saved run as it was, so pass --overwrite to start "
                                 "over with the new settings, or choose another train.output_dir")
-        plan.resume_from = checkpoints[-1]
+        plan.resume_from, passed_over = choose_resume(output_dir, checkpoints)
+        plan.notices += passed_over
         plan.notices.append(f"resuming from {plan.resume_from.name} "
                             f"(use --no-resume --overwrite to start over)")
     return plan
@@ -113,6 +203,8 @@ def changed_settings(before: dict, after: dict) -> list[str]:
     changes = []
     for section in ("model", "adapter", "data", "train"):
         old, new = _without_none(before.get(section)) or {}, _without_none(after.get(section)) or {}
+        if section == "data" and old and "tokenize" not in old:
+            old = {**old, "tokenize": "joint"}  # how runs recorded before data.tokenize were tokenized
         for key in [*new, *(k for k in old if k not in new)]:
             if (section == "train" and key in RESULT_NEUTRAL) or (section == "adapter" and key in FILE_ONLY):
                 continue

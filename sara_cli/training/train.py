@@ -14,7 +14,7 @@ from sara_cli.model import builtin, loading, quantize
 from sara_cli.adapters import checkpoint
 from sara_cli.training import distributed
 from sara_cli.errors import SaraError
-from sara_cli.files import atomic_dir, check_writable, write_text
+from sara_cli.files import atomic_dir, check_apart, check_writable, no_space, write_text
 from sara_cli.recipe import check_report_to
 from sara_cli.training.rundir import (CHECKPOINT, LOG_NAME, is_main_process, locked, plan_output,
                              prepare_output, remove_previous, saved_recipe, trim_log)
@@ -112,8 +112,54 @@ def train(recipe, resume: bool = True, overwrite: bool = False, dry_run: bool = 
     if output_dir.exists() and not output_dir.is_dir():
         raise SaraError(f"train.output_dir {output_dir} is a file; give a folder path")
     check_writable(output_dir, "train.output_dir")
+    check_apart([("train.output_dir", output_dir)], train_inputs(recipe), "train")
     with nullcontext() if dry_run else locked(output_dir):
-        return _train(recipe, output_dir, resume, overwrite, dry_run, reporter)
+        try:
+            return _train(recipe, output_dir, resume, overwrite, dry_run, reporter)
+        except Exception as exc:
+            full = no_space(exc, output_dir)
+            if full is None:
+                raise
+            raise SaraError(f"{full}; {what_is_left(output_dir)}") from None
+
+
+def what_is_left(output_dir: Path) -> str:
+    """After a failed run: the checkpoint a rerun continues from, or that it starts over."""
+    from sara_cli.training.rundir import checkpoint_folders, resume_problem
+
+    complete = [c for c in checkpoint_folders(output_dir) if resume_problem(c) is None]
+    if complete:
+        return (f"the last complete checkpoint is {complete[-1]}: rerun the same command to resume "
+                "from it")
+    return "no checkpoint was complete yet: a rerun starts from the beginning"
+
+
+def report_left_out(recipe, model, reporter) -> None:
+    """With all-linear, name the weights no target reaches (MoE experts, routers) and why."""
+    from sara_cli.adapters.inject import ALL_LINEAR, left_out, parse_targets
+
+    left = left_out(model) if parse_targets(recipe.adapter.targets) == [ALL_LINEAR] else []
+    if left and is_main_process():
+        reporter.notice(f"all-linear left out (not linear layers; sara adapts nn.Linear layers only): "
+                        f"{'; '.join(left)}")
+
+
+def train_inputs(recipe) -> list[tuple[str, Path]]:
+    """(label, path) of the local files and folders a run reads: the base, the data files, the
+    spectrum cache. A built-in or hub reference is resolved later, inside caches of its own."""
+    from sara_cli.model.cache import cache_root
+
+    inputs = []
+    base = Path(recipe.model.name_or_path).expanduser()
+    if not builtin.is_builtin(recipe.model.name_or_path) and base.exists():
+        inputs.append(("the base model (model.name_or_path)", base))
+    for which in ("train", "eval"):
+        for data in recipe.data.files(which):
+            path = Path(data.path).expanduser()
+            if not builtin.is_builtin(data.path) and path.exists():
+                inputs.append((f"the data file (data.{which}_file)", path))
+    inputs.append(("the spectrum cache", cache_root()))
+    return inputs
 
 
 def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: bool, reporter) -> dict:
@@ -143,6 +189,7 @@ def _train(recipe, output_dir: Path, resume: bool, overwrite: bool, dry_run: boo
     model, tokenizer, layers, meta = build(recipe, initialize_from=plan.resume_from)
     if reporter:
         reporter.built(recipe, model, layers, meta)
+        report_left_out(recipe, model, reporter)
     data = tokenize_split(records, recipe.data, tokenizer, recipe.train.seed)  # a dry run checks data too
     train_set, eval_set = data.train, data.evaluation
     if reporter and is_main_process():

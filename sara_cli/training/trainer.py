@@ -94,6 +94,10 @@ class SaraTrainer(Trainer):
         self._get_output_dir = lambda trial=None: str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException:  # a full disk, say: a half-written checkpoint never stays
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             self._get_output_dir = original
         # Every rank writes its own RNG state into the staging folder: rename only when all are done.
