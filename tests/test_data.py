@@ -787,3 +787,18 @@ def test_a_run_recorded_before_data_tokenize_resumes_only_as_joint():
     assert changed_settings(before, {"data": {**before["data"], "tokenize": "split"}}) == [
         "data.tokenize: joint -> split"]
     assert changed_settings(before, {"data": {**before["data"], "tokenize": "joint"}}) == []
+
+
+def test_numbers_in_text_fields_are_text_only_where_the_reader_typed_them(tmp_path):
+    """A CSV column of answers loads as integers, and a JSON column mixing "7" and 7 decodes both
+    as numbers: there the number is the user's text. A JSON number alone is refused (1e3 would
+    train as "1000.0")."""
+    csv = tmp_path / "r.csv"
+    csv.write_text("instruction,output\n1+1?,2\n2+2?,4\n")
+    check_records(load_records(str(csv)), "alpaca", str(csv))
+    mixed = write_json(tmp_path / "mixed.json", [{"instruction": "1+1?", "output": "2"},
+                                                  {"instruction": "2+2?", "output": 4}])
+    check_records(load_records(str(mixed)), "alpaca", str(mixed))
+    number = write_json(tmp_path / "number.json", [{"instruction": "1000?", "output": 1e3}])
+    with pytest.raises(SaraError, match=r"record 0 field 'output' is a number \(1000.0\), not text"):
+        check_records(load_records(str(number)), "alpaca", str(number))

@@ -451,6 +451,7 @@ CASES = {
     "eval-loss-data-is-a-folder": lambda ws, tmp: (
         ["eval", ws["runs"]["sara"], "--task", "loss", "--data", tmp], [f"--data {tmp} is a folder"]),
     "train-output-is-a-list": data_with([{"instruction": "7?", "input": "", "output": ["7"]}] * 4),
+    "train-output-is-a-json-number": data_with([{"instruction": "7?", "input": "", "output": 1e3}] * 4),
     "train-instruction-is-a-mapping": data_with([{"instruction": {"q": "7?"}, "input": "", "output": "7"}] * 4),
     "train-yaml-key-twice": recipe_text("model: {name_or_path: BASE}\nadapter:\n  tau: 0.3\n  tau: 0.9\n"
                                         "data: {train_file: DATA}\n", "key 'tau' is given twice",

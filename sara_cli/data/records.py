@@ -281,18 +281,24 @@ def _instruction_conversation(record: dict) -> list[dict]:
     return messages
 
 
-def check_text(values, field: str, source: str) -> None:
-    """Every value of a text field is text. A number is accepted (CSV columns load as numbers, and
-    str(7) is what the file says); a list, mapping or true/false would become its Python repr.
+def check_text(values, field: str, source: str, numbers_are_text: bool = False) -> None:
+    """Every value of a text field is text. A list, mapping or true/false would become its Python
+    repr as training text, and a number its str(), which need not be what the file says (1e3 ->
+    "1000.0"): all are refused. `numbers_are_text`: a CSV column, or a JSON column that mixes
+    numbers and strings (datasets reads it as `Json`, decoding the text "7" as 7), where a number
+    is what the user wrote.
 
     Raises:
         SaraError: naming the record (0-based), the field and what it holds.
     """
     for i, value in enumerate(values):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
-            kind = {list: "a list", dict: "a mapping", bool: "true/false"}.get(type(value), type(value).__name__)
-            raise SaraError(f"{source}: record {i} field '{field}' is {kind} ({str(value)[:40]}), not text; "
-                            "write it as a string")
+        if value is None or isinstance(value, str):
+            continue
+        if numbers_are_text and isinstance(value, (int, float)) and not isinstance(value, bool):
+            continue
+        kind = {list: "a list", dict: "a mapping", bool: "true/false"}.get(type(value), "a number")
+        raise SaraError(f"{source}: record {i} field '{field}' is {kind} ({str(value)[:40]}), not text; "
+                        f"write it as a string, e.g. \"{field}\": \"7\"")
 
 
 def check_records(dataset, template: str, source: str, fmt: str = "auto", tags: dict | None = None) -> None:
@@ -315,7 +321,9 @@ def check_records(dataset, template: str, source: str, fmt: str = "auto", tags: 
                     raise SaraError(f"{source}: record {i} has no '{field}' field")
         for field in ("instruction", "input", "output", "system"):
             if field in dataset.column_names:
-                check_text(dataset[field], field, source)
+                numbers_are_text = (str(source).lower().endswith(".csv")
+                                    or type(dataset.features[field]).__name__ == "Json")
+                check_text(dataset[field], field, source, numbers_are_text)
         if template != "chat" or not any(f in dataset.column_names for f in ("system", "history")):
             return  # alpaca and plain prompts ignore other columns
     elif template != "chat":
