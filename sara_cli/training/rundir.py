@@ -71,8 +71,10 @@ def resume_problem(folder: Path) -> str | None:
     for name in needed:
         if not (folder / name).is_file():
             return f"{folder / name} is missing"
-    optimizer = folder / "optimizer.pt"
-    # FSDP and DeepSpeed keep the optimizer in folders of their own (optimizer_0/, global_stepN/).
+    # The Trainer writes optimizer.pt; under FSDP accelerate writes optimizer.bin (a full state
+    # dict) or optimizer_0/ (sharded), and DeepSpeed keeps it in global_stepN/.
+    optimizer = next((p for p in (folder / "optimizer.pt", folder / "optimizer.bin") if p.is_file()),
+                     folder / "optimizer.pt")
     sharded = any(p.is_dir() and p.name.startswith(("optimizer", "global_step")) for p in folder.iterdir())
     if not optimizer.is_file() and not sharded:
         return f"{optimizer} is missing"
