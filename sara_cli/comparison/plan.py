@@ -122,9 +122,9 @@ def _per_method(text: str, flag: str, arms: list[Arm], parse) -> dict:
         method, sep, value = entry.partition("=")
         if not sep or method not in METHOD_DEFAULTS:
             raise SaraError(f"{flag} entry '{entry}': write method=value, e.g. lora=3e-4")
-        if method not in methods:
-            raise SaraError(f"{flag} gives a rate for {method}, which is not in --methods")
-        found[method] = parse(value, entry)
+        value = parse(value, entry)
+        if method in methods:  # another method's rate is kept out, so one --lr serves several runs
+            found[method] = value
     return found
 
 
@@ -140,7 +140,7 @@ def _rate(value: str, entry: str) -> float:
 
 def parse_rates(rates: str | None, grid: str | None, arms: list[Arm]) -> tuple[dict, dict]:
     """--lr (one rate per method) and --lr-grid (rates separated by ':'), as {method: rate} and
-    {method: [rates]}. A grid must cover every method with as many points, so that no method is
+    {method: [rates]}, for the methods of `arms` (others may be named and are left out). A grid must cover every method with as many points, so that no method is
     tuned more finely than another.
 
     Raises:
