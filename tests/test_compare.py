@@ -247,3 +247,12 @@ def test_plan_then_report_only_gives_the_direct_report(tiny_recipe, direct, tmp_
     assert planned.keys() == direct_losses.keys()
     for arm in planned:
         assert planned[arm] == pytest.approx(direct_losses[arm], rel=1e-5)
+
+
+def test_a_diverged_grid_point_is_never_chosen():
+    from sara_cli.comparison.report import _chosen
+
+    grid = [{"learning_rate": rate, "grid_point": True, "holdout": {"loss": loss}}
+            for rate, loss in ((1e-3, 0.9), (1e-2, float("nan")), (1e-1, 0.7))]
+    assert _chosen(grid) == 1e-1
+    assert _chosen(grid[:2]) == 1e-3

@@ -87,7 +87,10 @@ def _chosen(results: list[dict]) -> float | None:
     if fixed:
         return min(fixed)
     grid = [r for r in results if r["grid_point"]]
-    return min(grid, key=lambda r: (r["holdout"]["loss"], r["learning_rate"]))["learning_rate"] if grid else None
+    if not grid:
+        return None
+    finite = [r for r in grid if math.isfinite(r["holdout"]["loss"])] or grid  # as run.chosen_rate
+    return min(finite, key=lambda r: (r["holdout"]["loss"], r["learning_rate"]))["learning_rate"]
 
 
 def _accuracy(results: list[dict]) -> dict:

@@ -9,6 +9,7 @@ reused if its recipe is unchanged, and refused otherwise.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,8 @@ def chosen_rate(comparison: Comparison, arm: Arm) -> float | None:
         result = load_result(comparison, Variant(arm, comparison.seeds[0], rate))
         if result is None:
             return None
-        losses[rate] = result["holdout"]["loss"]
+        loss = result["holdout"]["loss"]
+        losses[rate] = loss if math.isfinite(loss) else math.inf  # a rate that diverged is never chosen
     return min(losses, key=lambda r: (losses[r], r))
 
 
