@@ -253,8 +253,10 @@ def compare(
 
     with matrix_progress(console) as (on_start, on_matrix):
         core.size_arms(comparison, on_start, on_matrix)
+    from sara_cli.comparison.compare import execute
+
     if mode in ("dry-run", "plan"):
-        outcome = core.execute(comparison, mode)
+        outcome = execute(comparison, mode)
         compare_plan(console, comparison, outcome)
         for line in outcome.commands:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -263,7 +265,7 @@ def compare(
                           highlight=False, markup=False)
         return
     with CompareProgress(console) as progress:
-        outcome = core.execute(comparison, mode, progress)
+        outcome = execute(comparison, mode, progress)
     compare_table(console, outcome.summary)
     console.print(f"wrote {comparison.out}/compare.md, compare.json, compare.png", highlight=False, markup=False)
 
