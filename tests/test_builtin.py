@@ -366,3 +366,26 @@ def test_smollm2_converts_generates_and_analyzes_like_numpy(tmp_path):
     # Real weights: k varies across layers (a random matrix's would be nearly constant).
     q_k = [m["k"][1] for m in matrices if m["module"] == "q_proj"]
     assert max(q_k) - min(q_k) > 20
+
+
+def test_mawps_splits_are_bundled_without_overlap():
+    """builtin:mawps-train holds MAWPS train less the questions of valid and the mawps test set."""
+    import gzip
+    import re
+
+    from sara_cli.data.records import load_records
+
+    train, valid = load_records("builtin:mawps-train"), load_records("builtin:mawps-valid")
+    assert (len(train), len(valid)) == (1898 - 69, 237)
+    assets = Path(__file__).resolve().parents[1] / "sara_cli" / "assets" / "eval" / "mawps" / "test.json.gz"
+    test = json.loads(gzip.decompress(assets.read_bytes()))
+
+    def question(text):
+        return " ".join(text.lower().split())
+
+    held = {question(r["instruction"]) for r in valid} | {question(r["instruction"]) for r in test}
+    assert not [r for r in train if question(r["instruction"]) in held]
+    for record in (train[0], valid[0]):
+        equation, answer = re.fullmatch(r"(.+) = (\S+)\nThe answer is (\S+)", record["output"]).group(1, 2)
+        assert record["output"].endswith(f"The answer is {answer}") and "=" not in equation
+    assert train[0]["output"] == "((22.0-14.0)/4.0) = 2\nThe answer is 2"  # trainset.json's first record

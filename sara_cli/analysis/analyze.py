@@ -222,8 +222,7 @@ def mosara_params(matrices: list[MatrixResult], tau_index: int, experts: int) ->
 def match_lora_rank(matrices: list[MatrixResult], lora_rank: int) -> tuple[float, int, int]:
     """The tau whose SARA parameter count is closest to LoRA rank R's on the same matrices.
 
-    Returns (tau, SARA params at that tau, LoRA params). The count is monotone in tau, so a
-    bisection over tau finds the crossing; the closer neighbour wins.
+    Returns (tau, SARA params at that tau, LoRA params).
     """
     from sara_cli.model.spectrum import rank_for_tau
 
@@ -232,18 +231,28 @@ def match_lora_rank(matrices: list[MatrixResult], lora_rank: int) -> tuple[float
     def count(tau: float) -> int:
         return sum(rank_for_tau(m.spectrum, tau) * (m.shape[0] + m.shape[1] + 1) for m in matrices)
 
+    tau, target = match_count(count, lora)
+    return tau, target, lora
+
+
+def match_count(count: Callable[[float], int], target: int) -> tuple[float, int]:
+    """The tau in (0, 1] whose `count(tau)` is closest to `target`, and that count.
+
+    The count is monotone in tau, so a bisection over tau finds the crossing; the closer
+    neighbour wins. The tau returned is the shortest decimal that gives the same count, so a
+    printed tau reproduces it. Past either end, the end's count is the nearest.
+    """
     lo, hi = 1e-6, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if count(mid) < lora else (lo, mid)
-    best = min((lo, hi), key=lambda t: (abs(count(t) - lora), t))
-    target = count(best)
-    # The shortest decimal that still gives this count, so the printed tau reproduces it.
+        lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
+    best = min((lo, hi), key=lambda t: (abs(count(t) - target), t))
+    found = count(best)
     for digits in range(2, 17):
         short = float(f"{best:.{digits}g}")
-        if 0 < short <= 1 and count(short) == target:
-            return short, target, lora
-    return best, target, lora
+        if 0 < short <= 1 and count(short) == found:
+            return short, found
+    return best, found
 
 
 def mean_k_per_layer(matrices: list[MatrixResult], tau_index: int) -> dict[int, float]:

@@ -215,6 +215,63 @@ def train(
         console.print(f"adapter: {summary['adapter_dir']} ({summary['adapter_bytes'] / 1e6:.2f} MB)")
 
 
+# -- compare -------------------------------------------------------------------------------------
+
+@command
+def compare(
+    recipe: Path = typer.Argument(..., help="YAML recipe: the base every method shares (see recipes/)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides of the base recipe."),
+    methods: str = typer.Option(..., "--methods", help="Arms, comma-separated: method[:key=value...], e.g. lora,sara,sara:tau=0.01."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds, comma-separated; every arm runs each."),
+    budget: str = typer.Option("none", "--budget", help="lora-rank=R, params=N, or none (the recipe's sizes)."),
+    lr: Optional[str] = typer.Option(None, "--lr", help="A rate per method, e.g. lora=3e-4,sara=3e-3; default the recipe's."),
+    lr_grid: Optional[str] = typer.Option(None, "--lr-grid", help="Rates per method chosen on seed 0, e.g. lora=1e-4:3e-4,sara=1e-3:3e-3."),
+    holdout: Optional[int] = typer.Option(None, "--holdout", help="Held-out records carved from the training data (default 200); data.eval_file replaces them."),
+    task: Optional[str] = typer.Option(None, "--task", help="Also score accuracy on eval tasks, e.g. mawps,svamp."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="With --task: first N examples of each task."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder; default runs/compare-<recipe name>."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the run folders go; default OUT/runs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (variants, parameter counts, taus) and exit."),
+    plan: bool = typer.Option(False, "--plan", help="Write each variant's recipe and print it as a sara train command."),
+    report_only: bool = typer.Option(False, "--report-only", help="Score finished runs and write the report; train nothing."),
+) -> None:
+    """Budget-matched, paired comparison of adapter methods: one run per method, seed and rate."""
+    from sara_cli.comparison import plan as planning
+    from sara_cli.recipe import load_recipe
+
+    if sum((dry_run, plan, report_only)) > 1:
+        raise SaraError("give at most one of --dry-run, --plan and --report-only")
+    arms = planning.parse_arms(methods)
+    seed_list = planning.parse_seeds(seeds)
+    parsed_budget = planning.parse_budget(budget)
+    rates, grids = planning.parse_rates(lr, lr_grid, arms)
+    base = load_recipe(recipe, overrides or [])
+    from sara_cli.comparison import run as core
+
+    comparison = core.setup(base, arms, seed_list, parsed_budget, rates, grids, holdout, task, limit,
+                            out or Path("runs") / f"compare-{recipe.stem}", runs_dir)
+    mode = "dry-run" if dry_run else "plan" if plan else "report-only" if report_only else "run"
+    from sara_cli.cli.views import CompareProgress, compare_plan, compare_table, matrix_progress
+
+    with matrix_progress(console) as (on_start, on_matrix):
+        core.size_arms(comparison, on_start, on_matrix)
+    from sara_cli.comparison.compare import execute
+
+    if mode in ("dry-run", "plan"):
+        outcome = execute(comparison, mode)
+        compare_plan(console, comparison, outcome)
+        for line in outcome.commands:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if mode == "plan":
+            console.print(f"then: sara compare ... --report-only --out {comparison.out} collects the runs",
+                          highlight=False, markup=False)
+        return
+    with CompareProgress(console) as progress:
+        outcome = execute(comparison, mode, progress)
+    compare_table(console, outcome.summary)
+    console.print(f"wrote {comparison.out}/compare.md, compare.json, compare.png", highlight=False, markup=False)
+
+
 # -- merge ---------------------------------------------------------------------------------------
 
 @command

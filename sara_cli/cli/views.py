@@ -330,3 +330,103 @@ def route_map_view(console: Console, result) -> None:
     console.print(f"routing is {verdict}: the dominant expert holds {share:.0%} of the gate on average and is "
                   f"the top choice of {agreement:.0%} of tokens (a --routing mean merge is exact when "
                   "every token gets the same gate)", highlight=False)
+
+
+# -- compare -------------------------------------------------------------------------------------
+
+class CompareProgress:
+    """Two rich bars for `sara compare`: variants overall (with the ETA) and the current run's steps."""
+
+    def __init__(self, console: Console):
+        from rich.progress import TimeRemainingColumn
+
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.overall = None
+        self.current = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def start(self, total: int) -> None:
+        if self.overall is None:
+            self.overall = self.progress.add_task("[bold]variants", total=total)
+        else:
+            self.progress.update(self.overall, total=total)
+
+    def variant(self, variant, status: str) -> None:
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+        self.current = self.progress.add_task(f"{status} {variant.name}", total=None)
+
+    def steps(self, done: int, total: int) -> None:
+        if self.current is not None:
+            self.progress.update(self.current, completed=done, total=total)
+
+    def done(self, variant, result: dict) -> None:
+        self.progress.console.print(f"{variant.name}: held-out loss {result['holdout']['loss']:.4f}",
+                                    highlight=False, markup=False)
+        self.progress.advance(self.overall)
+
+    def notice(self, message: str) -> None:
+        if not message.startswith("no CUDA GPU"):  # said once by the command, not per variant
+            self.progress.console.print(f"notice: {message}", highlight=False, markup=False)
+
+
+def compare_plan(console: Console, comparison, outcome) -> None:
+    """The arms (setting, parameters, budget, rates) and the variants of a comparison."""
+    from sara_cli.comparison.report import setting_cell
+
+    budget = comparison.budget
+    table = Table(title=f"sara compare plan: budget {budget}", title_justify="left")
+    for column, justify in (("arm", "left"), ("setting", "left"), ("trainable params", "right"),
+                            ("budget", "right"), ("rates", "right")):
+        table.add_column(column, justify=justify)
+    for arm in comparison.arms:
+        size = comparison.sizes[arm.label]
+        rates = (":".join(f"{r:g}" for r in comparison.grids[arm.method]) + " (grid)"
+                 if arm.method in comparison.grids else f"{outcome.rate_of(arm):g}")
+        met = "-" if size["target"] is None else (f"{size['target']:,d}" + ("" if size["reached"] else " not reachable"))
+        table.add_row(arm.label, setting_cell({"adapter": size["adapter"]}), f"{size['params']:,d}", met, rates)
+    console.print(table)
+    done = len(outcome.finished)
+    console.print(f"{len(outcome.variants)} variants ({done} finished), seeds "
+                  f"{', '.join(map(str, comparison.seeds))}; held-out data {comparison.holdout_data}",
+                  highlight=False, markup=False)
+    for variant in outcome.variants:
+        mark = "done" if variant.name in outcome.finished else "to run"
+        console.print(f"  {variant.name}  ({mark})", highlight=False, markup=False)
+    for label in outcome.waiting:
+        console.print(f"  {label} at the later seeds: after the first seed's grid chooses its rate",
+                      highlight=False, markup=False)
+
+
+def compare_table(console: Console, summary: dict) -> None:
+    """The report as a rich table: parameters, rate, held-out loss, paired difference, accuracy, step time."""
+    from sara_cli.comparison.report import difference_cell, loss_cell, params_cell, setting_cell
+
+    tasks = sorted({t for a in summary["arms"] for t in a["accuracy"]})
+    table = Table(title=f"held-out loss per target token (budget {summary['budget']})", title_justify="left")
+    table.add_column("arm")
+    table.add_column("setting")
+    table.add_column("params", justify="right")
+    table.add_column("rate", justify="right")
+    table.add_column("loss (mean ± std)", justify="right")
+    table.add_column(f"vs {summary['reference']} [95% CI]", justify="right")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_column("step s", justify="right")
+    for arm in summary["arms"]:
+        accuracy = [f"{arm['accuracy'][t]['mean']:.3f}" if t in arm["accuracy"] else "-" for t in tasks]
+        step = arm["cost"]["step_seconds"]
+        table.add_row(arm["arm"], setting_cell(arm), params_cell(arm),
+                      "-" if arm["learning_rate"] is None else f"{arm['learning_rate']:g}",
+                      loss_cell(arm), difference_cell(arm), *accuracy, "-" if step is None else f"{step:.2f}")
+    console.print(table)
+    if summary["missing"]:
+        console.print(f"not finished: {', '.join(summary['missing'])}", highlight=False, markup=False)

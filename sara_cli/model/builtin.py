@@ -16,6 +16,7 @@ which says where the weights came from; training copies it into the adapter's `s
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -28,10 +29,14 @@ from pathlib import Path
 from typing import Callable
 
 from sara_cli.errors import SaraError
+from sara_cli.files import atomic_path
 
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DATASETS = {"mawps-quickstart": ASSETS / "data" / "mawps_quickstart.json"}
+DATASETS = {"mawps-quickstart": ASSETS / "data" / "mawps_quickstart.json",
+            # The whole MAWPS splits (assets/build.py): train without the questions of valid or test.
+            "mawps-train": ASSETS / "data" / "mawps_train.json.gz",
+            "mawps-valid": ASSETS / "data" / "mawps_valid.json.gz"}
 RANDOM_MODELS = {"tiny-llama": ASSETS / "tiny-llama"}
 MODEL_SEED = 0
 SOURCE_NAME = "sara_source.json"
@@ -90,8 +95,16 @@ def cache_dir() -> Path:
 
 
 def data_path(reference: str) -> Path:
-    """Path of a bundled dataset, e.g. builtin:mawps-quickstart."""
-    return DATASETS[_name(reference, DATASETS, "dataset")]
+    """Path of a bundled dataset, e.g. builtin:mawps-quickstart. A gzipped one is unpacked once
+    into the sara cache (under a digest of its bytes), as the data loaders read plain files."""
+    path = DATASETS[_name(reference, DATASETS, "dataset")]
+    if path.suffix != ".gz":
+        return path
+    target = cache_dir() / "data" / f"{path.name[:-3].replace('.json', '')}-{file_sha256(path)[:16]}.json"
+    if not target.is_file():
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(gzip.decompress(path.read_bytes()))
+    return target
 
 
 def model_path(reference: str) -> Path:
