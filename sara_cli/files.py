@@ -57,9 +57,7 @@ def check_writable(path: Path, label: str, given: Path | None = None) -> None:
         SaraError: that ancestor is a file or not writable.
     """
     shown = path if given is None else given
-    existing = Path(path).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _existing(Path(path).absolute())
     if not existing.is_dir():
         raise SaraError(f"cannot write {label} {shown}: {existing} is a file, not a folder; "
                         "choose another folder")
@@ -171,6 +169,7 @@ def no_space(exc: BaseException, folder: Path | None = None) -> NoSpace | None:
 
 
 def _existing(path: Path) -> Path:
+    """The nearest existing folder or file on the way up from `path` (itself if it exists)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path

@@ -209,14 +209,30 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def lora_count(matrices: list[MatrixResult], rank: int) -> int:
+    """LoRA (and PiSSA) trainable parameters at rank r: sum of r (in + out)."""
+    return rank * sum(m.shape[0] + m.shape[1] for m in matrices)
+
+
+def sara_count(shape, k: int) -> int:
+    """SARA trainable parameters of one (out, in) matrix at rank k: k (in + out) + k."""
+    return k * (shape[0] + shape[1] + 1)
+
+
+def mosara_count(shape, k: int, experts: int, v_before: bool = False) -> int:
+    """Mo-SARA trainable parameters of one (out, in) matrix: m k + k + m, plus v (out, or in
+    when v scales the input)."""
+    return experts * k + k + experts + (shape[1] if v_before else shape[0])
+
+
 def sara_params(matrices: list[MatrixResult], tau_index: int) -> int:
     """SARA trainable parameters: sum of k (in + out) + k."""
-    return sum(m.k[tau_index] * (m.shape[0] + m.shape[1] + 1) for m in matrices)
+    return sum(sara_count(m.shape, m.k[tau_index]) for m in matrices)
 
 
 def mosara_params(matrices: list[MatrixResult], tau_index: int, experts: int) -> int:
     """Mo-SARA trainable parameters: sum of m k + k + m + out."""
-    return sum(experts * m.k[tau_index] + m.k[tau_index] + experts + m.shape[0] for m in matrices)
+    return sum(mosara_count(m.shape, m.k[tau_index], experts) for m in matrices)
 
 
 def match_lora_rank(matrices: list[MatrixResult], lora_rank: int) -> tuple[float, int, int]:
@@ -226,10 +242,10 @@ def match_lora_rank(matrices: list[MatrixResult], lora_rank: int) -> tuple[float
     """
     from sara_cli.model.spectrum import rank_for_tau
 
-    lora = lora_rank * sum(m.shape[0] + m.shape[1] for m in matrices)
+    lora = lora_count(matrices, lora_rank)
 
     def count(tau: float) -> int:
-        return sum(rank_for_tau(m.spectrum, tau) * (m.shape[0] + m.shape[1] + 1) for m in matrices)
+        return sum(sara_count(m.shape, rank_for_tau(m.spectrum, tau)) for m in matrices)
 
     tau, target = match_count(count, lora)
     return tau, target, lora

@@ -172,29 +172,27 @@ def _grid_text(grids: dict) -> str:
 def parameter_count(method: str, options: dict, matrices) -> int:
     """Trainable parameters of `method` with `options` on `matrices` (analysis MatrixResults with
     their spectra), by each method's formula (docs/methods.md)."""
+    from sara_cli.analysis.analyze import lora_count, mosara_count, sara_count
     from sara_cli.model.spectrum import rank_for_tau
 
+    if method in ("lora", "pissa", "sorsa"):  # SORSA adds its r singular values per matrix
+        extra = options["rank"] * len(matrices) if method == "sorsa" else 0
+        return lora_count(matrices, options["rank"]) + extra
+    experts = options.get("num_experts") or METHOD_DEFAULTS["mosara"]["num_experts"]
     total = 0
     for m in matrices:
-        out_features, in_features = m.shape
-        if method in ("lora", "pissa", "sorsa"):
-            rank = options["rank"]
-            total += rank * (in_features + out_features) + (rank if method == "sorsa" else 0)
-        else:
-            k = rank_for_tau(m.spectrum, options["tau"])
-            if method == "sara":
-                total += k * (in_features + out_features + 1)
-            else:
-                experts = options.get("num_experts") or METHOD_DEFAULTS["mosara"]["num_experts"]
-                scaled = in_features if options.get("v_position") == "before" else out_features
-                total += experts * k + k + experts + scaled
+        k = rank_for_tau(m.spectrum, options["tau"])
+        total += (sara_count(m.shape, k) if method == "sara" else
+                  mosara_count(m.shape, k, experts, options.get("v_position") == "before"))
     return total
 
 
 def budget_count(budget: Budget, matrices) -> int:
     """The budget as a parameter count: LoRA rank R's count on these matrices, or N."""
+    from sara_cli.analysis.analyze import lora_count
+
     if budget.kind == "lora-rank":
-        return budget.value * sum(m.shape[0] + m.shape[1] for m in matrices)
+        return lora_count(matrices, budget.value)
     return budget.value
 
 
