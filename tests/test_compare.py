@@ -127,6 +127,8 @@ def test_paired_difference_against_a_hand_computation():
     (["--methods", "lora,sara", "--lr-grid", "lora=1e-3:1e-2"], "missing sara"),
     (["--methods", "lora,sara", "--lr", "lora=3e-4", "--lr-grid", "lora=1e-3:1e-2,sara=1e-2:1e-1"],
      "lora has a rate in --lr and a grid"),
+    (["--methods", "lora,sara", "--limit", "5"], "add --task"),
+    (["--methods", "lora,sara", "--task", "mawps", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
 ])
 def test_bad_input_is_one_line_before_any_work(tiny_recipe, tmp_path, args, fragment):
     result = run_cli("compare", tiny_recipe, *args, "--out", tmp_path / "c")
@@ -249,6 +251,25 @@ def test_plan_then_report_only_gives_the_direct_report(tiny_recipe, direct, tmp_
         assert planned[arm] == pytest.approx(direct_losses[arm], rel=1e-5)
 
 
+def test_accuracy_is_paired_by_seed_against_the_reference():
+    from sara_cli.comparison.report import summarize
+
+    size = {"adapter": {"method": "lora", "rank": 2}, "params": 10, "target": None, "reached": None}
+    state = {"arms": ["lora", "sara"], "sizes": {"lora": size, "sara": size}, "identity": {"budget": "none"},
+             "holdout_data": "h.json", "seeds": [0, 1, 2]}
+    accuracy = {("lora", 0): 0.50, ("lora", 1): 0.40, ("lora", 2): 0.45,
+                ("sara", 0): 0.55, ("sara", 1): 0.40, ("sara", 2): 0.55}
+    results = [{"name": f"{arm}-{seed}", "arm": arm, "seed": seed, "learning_rate": 0.01, "grid_point": False,
+                "holdout": {"loss": 1.0}, "cost": {}, "accuracy": {"svamp": {"accuracy": value, "n": 20}}}
+               for (arm, seed), value in accuracy.items()]
+    found = summarize(state, results, [], {})["arms"][1]["accuracy"]["svamp"]
+    # differences 0.05, 0.00, 0.10: mean 0.05, std 0.05, half-width 4.303 * 0.05 / sqrt(3)
+    assert found["mean"] == pytest.approx(1.5 / 3) and found["n"] == 20
+    assert found["difference"]["differences"] == pytest.approx([0.05, 0.0, 0.10])
+    half = 4.303 * 0.05 / math.sqrt(3)
+    assert found["difference"]["ci95"] == pytest.approx([0.05 - half, 0.05 + half])
+
+
 def test_a_diverged_grid_point_is_never_chosen():
     from sara_cli.comparison.report import _chosen
 
@@ -256,3 +277,46 @@ def test_a_diverged_grid_point_is_never_chosen():
             for rate, loss in ((1e-3, 0.9), (1e-2, float("nan")), (1e-1, 0.7))]
     assert _chosen(grid) == 1e-1
     assert _chosen(grid[:2]) == 1e-3
+
+
+@pytest.mark.e2e
+def test_a_recorded_comparison_from_before_data_tokenize_was_joint(tiny_recipe, direct, tmp_path):
+    state = json.loads((direct / "comparison.json").read_text())
+    del state["identity"]["data"]["tokenize"]  # as written before the setting existed
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "comparison.json").write_text(json.dumps(state))
+    result = run_cli("compare", tiny_recipe, *COMPARE, "--out", tmp_path / "old", "--dry-run")
+    one_line_error(result, "holds another comparison", "data differ", stdout_empty=False)
+    result = run_cli("compare", tiny_recipe, "data.tokenize=joint", *COMPARE, "--out", tmp_path / "old", "--dry-run")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.e2e
+def test_task_accuracy_is_added_to_finished_variants(tiny_recipe, direct, recorded_batches):
+    """Asked for later, accuracy is scored from the finished runs, which are not trained again."""
+    before = {k: len(v) for k, v in recorded_batches.items()}
+    scoring = ["--task", "mawps", "--limit", "2", "--max-new-tokens", "4"]
+    result = run_cli("compare", tiny_recipe, *COMPARE, *scoring, "--out", direct)
+    assert result.exit_code == 0, result.output
+    assert {k: len(v) for k, v in recorded_batches.items()} == before  # nothing trained
+    results = [json.loads(p.read_text()) for p in (direct / "results").glob("*.json")]
+    assert len(results) == 4
+    for found in results:
+        assert found["accuracy"]["mawps"]["n"] == 2 and found["accuracy"]["mawps"]["max_new_tokens"] == 4
+    summary = json.loads((direct / "compare.json").read_text())
+    assert summary["arms"][1]["accuracy"]["mawps"]["difference"]["seeds"] == ["0", "1"]
+    assert "| mawps | difference |" in (direct / "compare.md").read_text()
+    # another --limit scores again; a variant whose run folder is gone is named, not retrained
+    gone = direct / "runs" / "sara-lr0.03-seed1"
+    gone.rename(gone.with_name("moved"))
+    try:
+        result = run_cli("compare", tiny_recipe, *COMPARE, "--task", "mawps", "--limit", "1", "--max-new-tokens", "4",
+                         "--out", direct)
+    finally:
+        gone.with_name("moved").rename(gone)
+    assert result.exit_code == 0, result.output
+    assert "no mawps accuracy for sara-lr0.03-seed1: its run folder" in " ".join(result.output.split())
+    assert {k: len(v) for k, v in recorded_batches.items()} == before
+    summary = json.loads((direct / "compare.json").read_text())
+    assert summary["arms"][0]["accuracy"]["mawps"]["n"] == 1
+    assert "sara-lr0.03-seed1 (mawps accuracy)" in summary["missing"]

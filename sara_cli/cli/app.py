@@ -229,6 +229,7 @@ def compare(
     holdout: Optional[int] = typer.Option(None, "--holdout", help="Held-out records carved from the training data (default 200); data.eval_file replaces them."),
     task: Optional[str] = typer.Option(None, "--task", help="Also score accuracy on eval tasks, e.g. mawps,svamp."),
     limit: Optional[int] = typer.Option(None, "--limit", help="With --task: first N examples of each task."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="With --task: the generation cap; default 256 math, 32 commonsense."),
     out: Optional[Path] = typer.Option(None, "--out", help="Comparison folder; default runs/compare-<recipe name>."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the run folders go; default OUT/runs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (variants, parameter counts, taus) and exit."),
@@ -249,7 +250,7 @@ def compare(
     from sara_cli.comparison import run as core
 
     comparison = core.setup(base, arms, seed_list, parsed_budget, rates, grids, holdout, task, limit,
-                            out or Path("runs") / f"compare-{recipe.stem}", runs_dir)
+                            out or Path("runs") / f"compare-{recipe.stem}", runs_dir, max_new_tokens)
     mode = "dry-run" if dry_run else "plan" if plan else "report-only" if report_only else "run"
     from sara_cli.cli.views import CompareProgress, compare_plan, compare_table, matrix_progress
 

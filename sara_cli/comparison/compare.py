@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from sara_cli.comparison.plan import Arm
 from sara_cli.comparison.run import (STATE_NAME, Comparison, Variant, load_result, missing, rate_of,
-                                     recipe_path, run, size_arms, variants, write_state)
+                                     recipe_path, run, size_arms, unscored, variants, write_state)
 from sara_cli.errors import SaraError
 from sara_cli.files import read_json
 
@@ -63,7 +63,7 @@ def write_report(comparison: Comparison) -> dict:
     from sara_cli.comparison import report
 
     done = [r for v in variants(comparison) if (r := _quiet_result(comparison, v)) is not None]
-    absent = [v.name for v in missing(comparison)]
+    absent = [v.name for v in missing(comparison)] + unscored(comparison)
     absent += [f"{label} at the later seeds (its rate is not chosen yet)" for label in waiting_arms(comparison)]
     summary = report.summarize(read_json(comparison.out / STATE_NAME), done, absent, report.environment())
     report.write(summary, comparison.out)

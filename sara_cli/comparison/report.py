@@ -63,18 +63,19 @@ def summarize(state: dict, results: list[dict], missing: list[str], environment:
                "accuracy": _accuracy(chosen), "cost": _cost(chosen)}
         if reference is None:
             reference = losses
+            reference_accuracy = arm["accuracy"]
         else:
-            difference = paired_difference(reference, losses)
-            difference["seeds"] = [str(s) for s in difference["seeds"]]
-            arm["difference"] = difference
+            arm["difference"] = _keyed(paired_difference(reference, losses))
+            for task, found in arm["accuracy"].items():
+                if task in reference_accuracy:
+                    found["difference"] = _keyed(paired_difference(_by_seed(reference_accuracy[task]["seeds"]),
+                                                                   _by_seed(found["seeds"])))
         arms.append(arm)
     pairs = []
     for i, first in enumerate(arms):
         for second in arms[i + 1:]:
-            losses = [{int(s): v for s, v in a["losses"].items()} for a in (first, second)]
-            difference = paired_difference(*losses)
-            difference["seeds"] = [str(s) for s in difference["seeds"]]
-            pairs.append({"arm": second["arm"], "against": first["arm"], **difference})
+            difference = paired_difference(_by_seed(first["losses"]), _by_seed(second["losses"]))
+            pairs.append({"arm": second["arm"], "against": first["arm"], **_keyed(difference)})
     return {"reference": state["arms"][0], "budget": state["identity"]["budget"],
             "holdout_data": state["holdout_data"], "holdout_limit": state.get("holdout_limit"),
             "seeds": state["seeds"], "arms": arms, "pairs": pairs,
@@ -93,12 +94,24 @@ def _chosen(results: list[dict]) -> float | None:
     return min(finite, key=lambda r: (r["holdout"]["loss"], r["learning_rate"]))["learning_rate"]
 
 
+def _by_seed(values: dict) -> dict[int, float]:
+    return {int(seed): value for seed, value in values.items()}
+
+
+def _keyed(difference: dict) -> dict:
+    """A paired difference with its seeds as JSON keys are: strings."""
+    return {**difference, "seeds": [str(s) for s in difference["seeds"]]}
+
+
 def _accuracy(results: list[dict]) -> dict:
+    """Per task: each seed's accuracy, their mean and standard deviation, and the examples scored."""
     tasks = sorted({t for r in results for t in r["accuracy"]})
     found = {}
     for task in tasks:
-        mean, std = mean_std([r["accuracy"][task]["accuracy"] for r in results if task in r["accuracy"]])
-        found[task] = {"mean": mean, "std": std}
+        scored = sorted((r["seed"], r["accuracy"][task]) for r in results if task in r["accuracy"])
+        mean, std = mean_std([a["accuracy"] for _, a in scored])
+        found[task] = {"mean": mean, "std": std, "seeds": {str(s): a["accuracy"] for s, a in scored},
+                       "n": scored[0][1]["n"]}
     return found
 
 
@@ -173,9 +186,21 @@ def markdown(summary: dict) -> str:
             lines.append(f"- {arm['arm']}: {points} -> {arm['learning_rate']:g}")
     tasks = sorted({t for a in summary["arms"] for t in a["accuracy"]})
     if tasks:
-        lines += ["", "| arm | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+        lines += ["", "Task accuracy (fast protocol; ± is the standard deviation over seeds; the difference is "
+                  f"paired by seed against {summary['reference']}, with a 95% t interval):", "",
+                  "| arm | " + " | ".join(f"{t} | difference" for t in tasks) + " |",
+                  "| --- |" + " ---: | ---: |" * len(tasks)]
         for arm in summary["arms"]:
-            cells = [_number(arm["accuracy"].get(t, {}).get("mean"), 3) for t in tasks]
+            cells = []
+            for task in tasks:
+                found = arm["accuracy"].get(task)
+                if found is None:
+                    cells += ["-", "-"]
+                    continue
+                spread = f" ± {found['std']:.3f}" if found["std"] is not None else ""
+                cells += [f"{found['mean']:.3f}{spread} (n={found['n']}, {len(found['seeds'])} seeds)",
+                          difference_cell(found) if "difference" in found else
+                          ("reference" if arm["arm"] == summary["reference"] else "-")]
             lines.append(f"| {arm['arm']} | " + " | ".join(cells) + " |")
     lines += ["", "| arm | adapter file | setup s | step s | peak GPU memory |", "| --- | ---: | ---: | ---: | ---: |"]
     for arm in summary["arms"]:

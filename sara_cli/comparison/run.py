@@ -19,7 +19,7 @@ from sara_cli.comparison.plan import (DEFAULT_HOLDOUT, SIZE_KEY, Arm, Budget, bu
                                       size_for_budget, within_budget)
 from sara_cli.errors import SaraError
 from sara_cli.files import read_json, write_json, write_text
-from sara_cli.training.rundir import changed_settings, saved_recipe
+from sara_cli.training.rundir import as_recorded, changed_settings, saved_recipe
 
 STATE_NAME = "comparison.json"
 HOLDOUT_SEED = 0  # the held-out records are the same for every seed and method
@@ -52,6 +52,7 @@ class Comparison:
     holdout: int | None = None  # records carved from the training data; None: data.eval_file
     tasks: str | None = None
     limit: int | None = None
+    max_new_tokens: int | None = None  # with tasks: the generation cap (default: the task's)
     sizes: dict = field(default_factory=dict)  # {arm label: {"adapter", "params", "target", "reached"}}
 
     @property
@@ -79,7 +80,7 @@ class Comparison:
 
 def setup(recipe, arms: list[Arm], seeds: list[int], budget: Budget, rates: dict, grids: dict,
           holdout: int | None, tasks: str | None, limit: int | None, out: Path,
-          runs_dir: Path | None) -> Comparison:
+          runs_dir: Path | None, max_new_tokens: int | None = None) -> Comparison:
     """Check what needs no model: the held-out data and the comparison folder.
 
     Raises:
@@ -103,12 +104,16 @@ def setup(recipe, arms: list[Arm], seeds: list[int], budget: Budget, rates: dict
                             "path, or set data.eval_file to the held-out data")
     if limit is not None and limit < 1:
         raise SaraError(f"--limit must be at least 1, got {limit}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise SaraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not tasks and (limit is not None or max_new_tokens is not None):
+        raise SaraError("--limit and --max-new-tokens set how --task is scored; add --task (e.g. --task mawps,svamp)")
     if tasks:
         from sara_cli.evaluation import tasks as eval_tasks
 
         eval_tasks.resolve_tasks(tasks)
     comparison = Comparison(recipe, arms, seeds, budget, rates, grids, out, runs_dir or out / "runs",
-                            holdout, tasks, limit)
+                            holdout, tasks, limit, max_new_tokens)
     check_folder(comparison)
     return comparison
 
@@ -122,7 +127,7 @@ def check_folder(comparison: Comparison) -> None:
     if state.is_file():
         before = read_json(state).get("identity") or {}
         now = comparison.identity()
-        changed = [key for key in now if before.get(key) != now[key]]
+        changed = [key for key in now if as_recorded(key, before.get(key)) != now[key]]
         if changed:
             raise SaraError(f"--out {out} holds another comparison (its {', '.join(changed)} differ); "
                             "choose another --out, or the same recipe, budget and held-out data")
@@ -274,6 +279,7 @@ def write_state(comparison: Comparison) -> None:
         "arms": [a.label for a in comparison.arms], "seeds": comparison.seeds,
         "rates": comparison.rates, "grids": comparison.grids, "sizes": comparison.sizes,
         "holdout_data": comparison.holdout_data, "holdout_limit": comparison.holdout_limit, "tasks": comparison.tasks, "limit": comparison.limit,
+        "max_new_tokens": comparison.max_new_tokens,
     })
     for variant in variants(comparison):
         write_text(recipe_path(comparison, variant),
@@ -324,6 +330,10 @@ def run(comparison: Comparison, progress=None, train_missing: bool = True) -> li
         if not done or not [v for v in variants(comparison) if load_result(comparison, v) is None]:
             break
         write_state(comparison)  # the recipes of the variants the grid's choice added
+    if comparison.tasks:
+        for line in add_accuracy(comparison, progress):
+            if progress:
+                progress.notice(line)
     return [r for v in variants(comparison) if (r := load_result(comparison, v)) is not None]
 
 
@@ -405,17 +415,14 @@ def score(comparison: Comparison, variant: Variant, run_dir: Path, recipe: dict,
     import json
 
     from sara_cli.adapters.inject import is_adapter_parameter
-    from sara_cli.evaluation.evaluate import benchmarks, load_model, mean_loss
+    from sara_cli.evaluation.evaluate import load_model, mean_loss
 
     model, tokenizer, _, config = load_model(str(run_dir))
     batch = comparison.recipe.train.per_device_eval_batch_size
     holdout = mean_loss(model, tokenizer, comparison.holdout_data, config, batch, comparison.holdout_limit)
     params = sum(p.numel() for n, p in model.named_parameters() if is_adapter_parameter(n))
     del model
-    accuracy = {}
-    if comparison.tasks:
-        bench = benchmarks(str(run_dir), comparison.tasks, None, "fast", batch, comparison.limit, None)
-        accuracy = {r.task: {"accuracy": r.accuracy, "n": r.n} for r in bench.results}
+    accuracy = task_accuracy(comparison, run_dir, requested_tasks(comparison))
     log = [json.loads(line) for line in (run_dir / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
     final = next((r for r in reversed(log) if "train_runtime" in r), {})
     steps = final.get("step") or 0
@@ -432,3 +439,61 @@ def score(comparison: Comparison, variant: Variant, run_dir: Path, recipe: dict,
                  **{"setup_seconds": None, "peak_memory_bytes": None, **costs}},
         "recipe": recipe,
     }
+
+
+# -- task accuracy -------------------------------------------------------------------------------
+
+def requested_tasks(comparison: Comparison) -> list[str]:
+    from sara_cli.evaluation import tasks as eval_tasks
+
+    return [t.name for t in eval_tasks.resolve_tasks(comparison.tasks)] if comparison.tasks else []
+
+
+def task_accuracy(comparison: Comparison, run_dir: Path, tasks: list[str]) -> dict:
+    """Accuracy on `tasks` through sara's eval (fast protocol), each with the settings that made it."""
+    if not tasks:
+        return {}
+    from sara_cli.evaluation.evaluate import benchmarks
+
+    batch = comparison.recipe.train.per_device_eval_batch_size
+    bench = benchmarks(str(run_dir), ",".join(tasks), None, "fast", batch, comparison.limit,
+                       comparison.max_new_tokens)
+    return {r.task: {"accuracy": r.accuracy, "n": r.n, "correct": r.correct, "limit": comparison.limit,
+                     "max_new_tokens": comparison.max_new_tokens} for r in bench.results}
+
+
+def unscored_tasks(comparison: Comparison, result: dict) -> list[str]:
+    """The requested tasks a finished result has no accuracy for, or has with another --limit or
+    --max-new-tokens (a result kept from a run without --task, say)."""
+    found = result.get("accuracy") or {}
+    return [t for t in requested_tasks(comparison)
+            if t not in found or (found[t].get("limit"), found[t].get("max_new_tokens"))
+            != (comparison.limit, comparison.max_new_tokens)]
+
+
+def add_accuracy(comparison: Comparison, progress=None) -> list[str]:
+    """Score the requested tasks on finished variants that lack them, from their run folders.
+
+    Returns a notice for each variant that needs it but whose run folder is gone."""
+    gone = []
+    for variant in variants(comparison):
+        result = load_result(comparison, variant)
+        tasks = unscored_tasks(comparison, result) if result is not None else []
+        if not tasks:
+            continue
+        run_dir = comparison.runs_dir / variant.name
+        if not (run_dir / "adapter" / "sara_config.json").is_file():
+            gone.append(f"no {', '.join(tasks)} accuracy for {variant.name}: its run folder {run_dir} is gone; "
+                        f"delete {result_path(comparison, variant)} to train it again")
+            continue
+        if progress:
+            progress.variant(variant, f"scoring {', '.join(tasks)} on")
+        result["accuracy"] = {**result.get("accuracy", {}), **task_accuracy(comparison, run_dir, tasks)}
+        write_json(result_path(comparison, variant), result)
+    return gone
+
+
+def unscored(comparison: Comparison) -> list[str]:
+    """Finished variants still without the requested accuracy, for the report."""
+    return [f"{v.name} ({', '.join(tasks)} accuracy)" for v in variants(comparison)
+            if (r := load_result(comparison, v)) is not None and (tasks := unscored_tasks(comparison, r))]

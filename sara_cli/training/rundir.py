@@ -204,15 +204,22 @@ def changed_settings(before: dict, after: dict) -> list[str]:
     """
     changes = []
     for section in ("model", "adapter", "data", "train"):
-        old, new = _without_none(before.get(section)) or {}, _without_none(after.get(section)) or {}
-        if section == "data" and old and "tokenize" not in old:
-            old = {**old, "tokenize": "joint"}  # how runs recorded before data.tokenize were tokenized
+        old = _without_none(as_recorded(section, before.get(section))) or {}
+        new = _without_none(after.get(section)) or {}
         for key in [*new, *(k for k in old if k not in new)]:
             if (section == "train" and key in RESULT_NEUTRAL) or (section == "adapter" and key in FILE_ONLY):
                 continue
             if old.get(key) != new.get(key):
                 changes.append(f"{section}.{key}: {_show(old.get(key))} -> {_show(new.get(key))}")
     return changes
+
+
+def as_recorded(section: str, settings):
+    """A recorded recipe section with the defaults it was made under where it predates a setting:
+    runs recorded before data.tokenize were tokenized joint."""
+    if section == "data" and settings and "tokenize" not in settings:
+        return {**settings, "tokenize": "joint"}
+    return settings
 
 
 def _show(value) -> str:
