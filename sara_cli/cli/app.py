@@ -83,6 +83,9 @@ def _quiet_libraries() -> None:
     # bitsandbytes logs a missing optional CPU kernel at import and warns on every int8 matmul
     # that casts its input; neither is actionable.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # On CPUs with AVX512-BF16, importing bitsandbytes asks the `kernels` hub loader for an optional
+    # kernel; offline, that loader warns that it skips the publisher check. Nothing is loaded.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     # Libraries imported before this point read those variables already; tell them directly.
     if "transformers" in sys.modules:
