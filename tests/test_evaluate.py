@@ -427,3 +427,55 @@ def test_folder_that_is_neither_checkpoint_nor_run(tmp_path):
 
 def test_limit_zero(llama_dir):
     one_line_error(run_cli("eval", llama_dir, "--task", "svamp", "--limit", 0), "--limit", "got 0")
+
+
+# -- --template ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plain_run(llama_dir, tmp_path_factory) -> Path:
+    """A finished two-step LoRA run trained with the plain template."""
+    from sara_cli.recipe import validate
+    from sara_cli.training.train import train
+
+    out = tmp_path_factory.mktemp("plain-run") / "run"
+    train(validate({
+        "model": {"name_or_path": str(llama_dir), "dtype": "float32"},
+        "adapter": {"method": "lora", "targets": "q_proj,v_proj", "rank": 2},
+        "data": {"train_file": "builtin:mawps-quickstart", "limit": 8, "template": "plain", "cutoff_len": 64},
+        "train": {"output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 4, "save_steps": 100},
+    }))
+    return out
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("run", "{q}\n"),  # the run's plain template: the question, then a newline
+    ("plain", "{q}\n"),
+    # LLM-Adapters' finetune.py prompt: two spaces after "request.", and its 16-space indents
+    ("alpaca", "Below is an instruction that describes a task. Write a response that appropriately completes "
+               "the request.  \n\n" + " " * 16 + "### Instruction:\n" + " " * 16 + "{q}\n" + " " * 16 + "\n"
+               + " " * 16 + "### Response:\n" + " " * 16),
+    ("llm-adapters", "Below is an instruction that describes a task. Write a response that appropriately "
+                     "completes the request. \n\n" + " " * 16 + "### Instruction:\n" + " " * 16 + "{q}\n\n"
+                     + " " * 16 + "### Response:\n" + " " * 16),
+])
+def test_template_chooses_the_prompt(plain_run, tmp_path, monkeypatch, template, expected):
+    seen = {}
+    original = evaluate.generate
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        seen["prompts"] = prompts
+        return original(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    result = evaluate.benchmarks(str(plain_run), "svamp", None, "fast", 2, 2, 3, tmp_path / "out", template=template)
+    questions = [r["instruction"] for r in tasks.load_records(tasks.TASKS["svamp"], None, 2)]
+    assert seen["prompts"] == [expected.format(q=q) for q in questions]
+    assert result.summary["template"] == ("plain" if template == "run" else template)
+    assert result.results[0].n == 2
+
+
+def test_template_run_needs_a_model_that_records_one(llama_dir):
+    one_line_error(run_cli("eval", llama_dir, "--task", "svamp", "--template", "run"),
+                   "records no training template", "--template llm-adapters")
+    one_line_error(run_cli("eval", llama_dir, "--task", "svamp", "--template", "jinja"),
+                   "--template must be one of", "got 'jinja'")

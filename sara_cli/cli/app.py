@@ -316,6 +316,7 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="First N examples of each task."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder; default RUN/eval/<mode> for a run, else eval-results/<model>-<mode>."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: 256 math, 32 commonsense."),
+    template: str = typer.Option("llm-adapters", "--template", help="The prompt: llm-adapters (LLM-Adapters' evaluation prompt), run (the run's own training template), alpaca, plain or chat."),
     score: Optional[Path] = typer.Option(None, "--score", help="Score an existing predictions file (output + answer) without a model."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="With --score or --task loss: write the summary here."),
     data: Optional[str] = typer.Option(None, "--data", help="With --task loss: instruction records to score."),
@@ -349,7 +350,7 @@ def eval_command(
 
         with eval_progress(console) as (on_start, on_done):
             run = evaluate.benchmarks(model, task, data_dir, protocol, batch_size, limit, max_new_tokens, out,
-                                      on_start, on_done, trust_remote_code)
+                                      on_start, on_done, trust_remote_code, template)
         eval_table(console, run.results, run.summary, protocol)
         console.print(f"wrote {run.out}/summary.json and one <task>.jsonl per task", highlight=False,
                       markup=False)

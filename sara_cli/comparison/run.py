@@ -450,25 +450,26 @@ def requested_tasks(comparison: Comparison) -> list[str]:
 
 
 def task_accuracy(comparison: Comparison, run_dir: Path, tasks: list[str]) -> dict:
-    """Accuracy on `tasks` through sara's eval (fast protocol), each with the settings that made it."""
+    """Accuracy on `tasks` through sara's eval (fast protocol), prompted with the run's own training
+    template (the variants learned the answer format with it), each with the settings that made it."""
     if not tasks:
         return {}
     from sara_cli.evaluation.evaluate import benchmarks
 
     batch = comparison.recipe.train.per_device_eval_batch_size
     bench = benchmarks(str(run_dir), ",".join(tasks), None, "fast", batch, comparison.limit,
-                       comparison.max_new_tokens)
+                       comparison.max_new_tokens, template="run")
     return {r.task: {"accuracy": r.accuracy, "n": r.n, "correct": r.correct, "limit": comparison.limit,
-                     "max_new_tokens": comparison.max_new_tokens} for r in bench.results}
+                     "max_new_tokens": comparison.max_new_tokens, "template": "run"} for r in bench.results}
 
 
 def unscored_tasks(comparison: Comparison, result: dict) -> list[str]:
-    """The requested tasks a finished result has no accuracy for, or has with another --limit or
-    --max-new-tokens (a result kept from a run without --task, say)."""
+    """The requested tasks a finished result has no accuracy for, or has with another --limit,
+    --max-new-tokens or prompt (a result kept from a run without --task, say)."""
     found = result.get("accuracy") or {}
+    wanted = (comparison.limit, comparison.max_new_tokens, "run")
     return [t for t in requested_tasks(comparison)
-            if t not in found or (found[t].get("limit"), found[t].get("max_new_tokens"))
-            != (comparison.limit, comparison.max_new_tokens)]
+            if t not in found or tuple(found[t].get(k) for k in ("limit", "max_new_tokens", "template")) != wanted]
 
 
 def add_accuracy(comparison: Comparison, progress=None) -> list[str]:

@@ -28,6 +28,7 @@ from sara_cli.errors import SaraError
 from sara_cli.files import atomic_path, check_apart, check_output_file, check_writable, write_json
 
 PROTOCOLS = ("fast", "llm-adapters")
+TEMPLATES = ("llm-adapters", "run", "alpaca", "plain", "chat")  # --template: the prompt's template
 
 
 @dataclass
@@ -100,8 +101,9 @@ def _count_generated(sequences, eos_id: int | None) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[str], protocol: str, batch_size: int, max_new_tokens: int,
-             on_done: Callable[[int], None] | None = None) -> tuple[list[str], int]:
-    """Responses (the text after "### Response:", stripped) for `prompts`, in order.
+             on_done: Callable[[int], None] | None = None, template: str = "llm-adapters") -> tuple[list[str], int]:
+    """Responses for `prompts`, in order: the text after "### Response:", stripped (the
+    LLM-Adapters and alpaca prompts), or the generated text up to EOS, stripped (plain, chat).
 
     Returns (responses, generated token count).
     """
@@ -109,6 +111,8 @@ def generate(model, tokenizer, prompts: list[str], protocol: str, batch_size: in
 
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    special = template != "chat"  # a chat template writes its own special tokens, as in training
+    marked = template in ("llm-adapters", "alpaca")
     decoded: list[str | None] = [None] * len(prompts)
     generated = 0
     if protocol == "llm-adapters":
@@ -116,12 +120,13 @@ def generate(model, tokenizer, prompts: list[str], protocol: str, batch_size: in
         groups = [[i] for i in range(len(prompts))]
     else:
         settings = dict(num_beams=1, do_sample=False)
-        lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+        lengths = [len(tokenizer(p, add_special_tokens=special)["input_ids"]) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     tokenizer.padding_side = "left"
     for group in groups:
-        batch = tokenizer([prompts[i] for i in group], return_tensors="pt", padding=True).to(device)
+        batch = tokenizer([prompts[i] for i in group], return_tensors="pt", padding=True,
+                          add_special_tokens=special).to(device)
         with torch.no_grad():
             # Only ids and mask: some tokenizers add token_type_ids, which generate() rejects.
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -130,22 +135,23 @@ def generate(model, tokenizer, prompts: list[str], protocol: str, batch_size: in
         generated += sum(_count_generated(new, eos))
         for row, i in enumerate(group):
             text = tokenizer.decode(new[row], skip_special_tokens=True)
-            decoded[i] = tasks.extract_response(prompts[i] + text)
+            decoded[i] = tasks.extract_response(prompts[i] + text) if marked else text.strip()
         if on_done:
             on_done(len(group))
     return decoded, generated
 
 
 def evaluate_task(model, tokenizer, task, data_dir: Path | None, protocol: str, batch_size: int,
-                  limit: int | None, max_new_tokens: int | None, on_start=None, on_done=None) -> TaskResult:
-    """Generate and score one task."""
+                  limit: int | None, max_new_tokens: int | None, on_start=None, on_done=None,
+                  template: str = "llm-adapters") -> TaskResult:
+    """Generate and score one task, prompting with `template` (not "run": resolve it first)."""
     records = tasks.load_records(task, data_dir, limit)
-    prompts = [tasks.eval_prompt(r["instruction"]) for r in records]
+    prompts = [task_prompt(r["instruction"], template, tokenizer) for r in records]
     if on_start:
         on_start(task.name, len(prompts))
     started = time.perf_counter()
     responses, generated = generate(model, tokenizer, prompts, protocol, batch_size,
-                                    max_new_tokens or task.max_new_tokens, on_done)
+                                    max_new_tokens or task.max_new_tokens, on_done, template)
     seconds = time.perf_counter() - started
     scored = tasks.score_outputs(task, responses, [r["answer"] for r in records])
     rows = [{"instruction": r["instruction"], "response": resp, "prediction": s["prediction"],
@@ -154,13 +160,53 @@ def evaluate_task(model, tokenizer, task, data_dir: Path | None, protocol: str, 
     return TaskResult(task.name, scored["n"], scored["correct"], scored["accuracy"], seconds, generated, rows)
 
 
-def write_results(out: Path, results: list[TaskResult], protocol: str, model: str, seconds: float) -> dict:
+def task_prompt(instruction: str, template: str, tokenizer) -> str:
+    """The prompt for one question: LLM-Adapters' evaluation prompt, or a training template's
+    generation prompt (alpaca and plain as `sara train` writes them; chat through the tokenizer)."""
+    from sara_cli.data.prompts import alpaca_prompt, plain_prompt
+
+    if template == "llm-adapters":
+        return tasks.eval_prompt(instruction)
+    if template == "alpaca":
+        return alpaca_prompt(instruction)
+    if template == "plain":
+        return plain_prompt(instruction)
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def resolve_template(template: str, reference: str) -> str:
+    """--template, with `run` read from the run's recipe (or a merged checkpoint's model card),
+    before the model loads.
+
+    Raises:
+        SaraError: an unknown template, or `run` for a model that records none.
+    """
+    from sara_cli.evaluation.chat import recorded_template
+
+    if template not in TEMPLATES:
+        raise SaraError(f"--template must be one of {', '.join(TEMPLATES)}, got '{template}'")
+    if template != "run":
+        return template
+    config = None
+    path = Path(reference)
+    if path.is_dir() and not (path / "config.json").is_file():
+        config = json.loads((checkpoint.find_adapter_dir(path) / "sara_config.json").read_text())
+    found = recorded_template(reference, config)
+    if found is None:
+        raise SaraError(f"--template run: {reference} records no training template (it is not a sara run or "
+                        "a model sara merged); give --template llm-adapters, alpaca, plain or chat")
+    return found
+
+
+def write_results(out: Path, results: list[TaskResult], protocol: str, model: str, seconds: float,
+                  template: str = "llm-adapters") -> dict:
     """<out>/<task>.jsonl per task and <out>/summary.json; returns the summary."""
     for result in results:
         with atomic_path(out / f"{result.task}.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(row) + "\n" for row in result.records))
     summary = {
-        "model": model, "protocol": protocol, "seconds": round(seconds, 3),
+        "model": model, "protocol": protocol, "template": template, "seconds": round(seconds, 3),
         "tasks": {r.task: {"n": r.n, "correct": r.correct, "accuracy": r.accuracy,
                            "seconds": round(r.seconds, 3),
                            "examples_per_second": round(r.examples_per_second, 3),
@@ -356,16 +402,20 @@ class Benchmarks:
 
 def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str, batch_size: int,
                limit: int | None, max_new_tokens: int | None, out: Path | None = None,
-               on_start=None, on_done=None, trust_remote_code: bool = False) -> Benchmarks:
+               on_start=None, on_done=None, trust_remote_code: bool = False,
+               template: str = "llm-adapters") -> Benchmarks:
     """Generate and score every task in `task_spec`; write <out>/<task>.jsonl and summary.json.
 
     Args:
         out: results folder; None: `results_folder(model, protocol)`.
+        template: the prompt (TEMPLATES): LLM-Adapters' evaluation prompt, the run's own
+            training template (`run`), or a named training template.
 
     Raises:
         SaraError: a bad option, task, data file or output folder, each before the model loads.
     """
     check_options(protocol, batch_size, limit, max_new_tokens)
+    template = resolve_template(template, model)
     chosen = tasks.resolve_tasks(task_spec)
     for task in chosen:  # fail on missing data before loading a model
         tasks.load_records(task, data_dir, 1)
@@ -373,9 +423,12 @@ def benchmarks(model: str, task_spec: str, data_dir: Path | None, protocol: str,
     check_writable(out, "the results folder")
     started = time.perf_counter()
     loaded, tokenizer, description, _ = load_model(model, trust_remote_code=trust_remote_code)
+    if template == "chat" and not tokenizer.chat_template:
+        raise SaraError("--template chat needs a tokenizer with a chat template; this one has none. "
+                        "Use --template llm-adapters, alpaca or plain")
     results = [evaluate_task(loaded, tokenizer, task, data_dir, protocol, batch_size, limit, max_new_tokens,
-                             on_start, on_done) for task in chosen]
-    summary = write_results(out, results, protocol, description, time.perf_counter() - started)
+                             on_start, on_done, template) for task in chosen]
+    summary = write_results(out, results, protocol, description, time.perf_counter() - started, template)
     return Benchmarks(out, results, summary)
 
 
