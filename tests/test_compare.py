@@ -320,3 +320,14 @@ def test_task_accuracy_is_added_to_finished_variants(tiny_recipe, direct, record
     summary = json.loads((direct / "compare.json").read_text())
     assert summary["arms"][0]["accuracy"]["mawps"]["n"] == 1
     assert "sara-lr0.03-seed1 (mawps accuracy)" in summary["missing"]
+
+
+@pytest.mark.e2e
+def test_a_task_file_is_scored_by_its_path(tiny_recipe, direct, tmp_path):
+    """An ad-hoc task is named after its file but found again by its path when scored."""
+    task_file = tmp_path / "sums.json"
+    task_file.write_text(json.dumps([{"instruction": "What is 1 plus 1?", "answer": "2"}]))
+    result = run_cli("compare", tiny_recipe, *COMPARE, "--task", task_file, "--max-new-tokens", "2", "--out", direct)
+    assert result.exit_code == 0, result.output
+    for path in (direct / "results").glob("*.json"):
+        assert json.loads(path.read_text())["accuracy"]["sums"]["n"] == 1

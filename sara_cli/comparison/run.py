@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sara_cli.adapters.checkpoint import CONFIG_NAME
 from sara_cli.analysis import analyze
 from sara_cli.comparison.plan import (DEFAULT_HOLDOUT, SIZE_KEY, Arm, Budget, budget_count, parameter_count,
                                       size_for_budget, within_budget)
@@ -53,6 +54,7 @@ class Comparison:
     tasks: str | None = None
     limit: int | None = None
     max_new_tokens: int | None = None  # with tasks: the generation cap (default: the task's)
+    task_specs: dict = field(default_factory=dict)  # {task name: its --task item}, resolved once
     sizes: dict = field(default_factory=dict)  # {arm label: {"adapter", "params", "target", "reached"}}
 
     @property
@@ -108,12 +110,14 @@ def setup(recipe, arms: list[Arm], seeds: list[int], budget: Budget, rates: dict
         raise SaraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not tasks and (limit is not None or max_new_tokens is not None):
         raise SaraError("--limit and --max-new-tokens set how --task is scored; add --task (e.g. --task mawps,svamp)")
+    specs = {}
     if tasks:
         from sara_cli.evaluation import tasks as eval_tasks
 
-        eval_tasks.resolve_tasks(tasks)
+        # an ad-hoc task is named after its file's stem but found again by its path
+        specs = {t.name: str(t.source) if t.source else t.name for t in eval_tasks.resolve_tasks(tasks)}
     comparison = Comparison(recipe, arms, seeds, budget, rates, grids, out, runs_dir or out / "runs",
-                            holdout, tasks, limit, max_new_tokens)
+                            holdout, tasks, limit, max_new_tokens, specs)
     check_folder(comparison)
     return comparison
 
@@ -345,9 +349,9 @@ def missing(comparison: Comparison) -> list[Variant]:
 def _finish(comparison: Comparison, variant: Variant, progress, train_missing: bool) -> dict | None:
     run_dir = comparison.runs_dir / variant.name
     recipe = variant_recipe(comparison, variant)
-    finished = (run_dir / "adapter" / "sara_config.json").is_file()
+    finished = is_finished(run_dir)
     if finished:
-        saved = read_json(run_dir / "adapter" / "sara_config.json").get("recipe") or {}
+        saved = read_json(run_dir / "adapter" / CONFIG_NAME).get("recipe") or {}
         changed = changed_settings(saved, recipe)
         if changed:
             raise SaraError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); move it "
@@ -362,6 +366,11 @@ def _finish(comparison: Comparison, variant: Variant, progress, train_missing: b
     if progress:
         progress.done(variant, result)
     return result
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run folder whose training finished: its adapter is saved."""
+    return (run_dir / "adapter" / CONFIG_NAME).is_file()
 
 
 def train_variant(recipe: dict, progress) -> dict:
@@ -444,9 +453,7 @@ def score(comparison: Comparison, variant: Variant, run_dir: Path, recipe: dict,
 # -- task accuracy -------------------------------------------------------------------------------
 
 def requested_tasks(comparison: Comparison) -> list[str]:
-    from sara_cli.evaluation import tasks as eval_tasks
-
-    return [t.name for t in eval_tasks.resolve_tasks(comparison.tasks)] if comparison.tasks else []
+    return list(comparison.task_specs)
 
 
 def task_accuracy(comparison: Comparison, run_dir: Path, tasks: list[str]) -> dict:
@@ -457,8 +464,9 @@ def task_accuracy(comparison: Comparison, run_dir: Path, tasks: list[str]) -> di
     from sara_cli.evaluation.evaluate import benchmarks
 
     batch = comparison.recipe.train.per_device_eval_batch_size
-    bench = benchmarks(str(run_dir), ",".join(tasks), None, "fast", batch, comparison.limit,
-                       comparison.max_new_tokens, template="run")
+    spec = ",".join(comparison.task_specs[t] for t in tasks)
+    bench = benchmarks(str(run_dir), spec, None, "fast", batch, comparison.limit, comparison.max_new_tokens,
+                       template="run")
     return {r.task: {"accuracy": r.accuracy, "n": r.n, "correct": r.correct, "limit": comparison.limit,
                      "max_new_tokens": comparison.max_new_tokens, "template": "run"} for r in bench.results}
 
@@ -483,7 +491,7 @@ def add_accuracy(comparison: Comparison, progress=None) -> list[str]:
         if not tasks:
             continue
         run_dir = comparison.runs_dir / variant.name
-        if not (run_dir / "adapter" / "sara_config.json").is_file():
+        if not is_finished(run_dir):
             gone.append(f"no {', '.join(tasks)} accuracy for {variant.name}: its run folder {run_dir} is gone; "
                         f"delete {result_path(comparison, variant)} to train it again")
             continue

@@ -191,7 +191,7 @@ def resolve_template(template: str, reference: str) -> str:
     config = None
     path = Path(reference)
     if path.is_dir() and not (path / "config.json").is_file():
-        config = json.loads((checkpoint.find_adapter_dir(path) / "sara_config.json").read_text())
+        config = checkpoint.read_config(checkpoint.find_adapter_dir(path))
     found = recorded_template(reference, config)
     if found is None:
         raise SaraError(f"--template run: {reference} records no training template (it is not a sara run or "
